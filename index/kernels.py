@@ -1,0 +1,337 @@
+"""Compiled hot paths of the CPU side: top-k search and partial attention for all heads of a layer.
+
+Every kernel is multi-head: `q` is (H, d); keys are (G, cap, d) with head h reading key group
+h // (H // G) (GQA); graphs are (A, cap, R) with head h walking graph h // (H // A), so one graph per
+KV head (A = G) and one per query head (A = H) share the same code. All of them release the GIL
+and parallelise over heads, so one call serves one layer. Scratch arrays come from the caller:
+nothing is allocated per decode step.
+"""
+import numpy as np
+from numba import njit, prange
+
+NEG_INF = np.float32(-np.inf)
+
+
+@njit(nogil=True, fastmath=True, cache=True, inline="always")
+def _dot(a, b):
+    s = np.float32(0.0)
+    for i in range(a.shape[0]):
+        s += a[i] * b[i]
+    return s
+
+
+@njit(nogil=True, cache=True)
+def _heap_push_topk(sc, ids, size, k, score, key):
+    """Keep the k best (score, key) in a min-heap `sc`/`ids` of current size `size`; return new size."""
+    if size < k:
+        i = size
+        size += 1
+    elif score > sc[0]:
+        i = 0
+        # sift down from the root, replacing the worst
+        while True:
+            c = 2 * i + 1
+            if c >= k:
+                break
+            if c + 1 < k and sc[c + 1] < sc[c]:
+                c += 1
+            if sc[c] >= score:
+                break
+            sc[i] = sc[c]
+            ids[i] = ids[c]
+            i = c
+        sc[i] = score
+        ids[i] = key
+        return size
+    else:
+        return size
+    # sift up the new leaf
+    while i > 0:
+        p = (i - 1) // 2
+        if sc[p] <= score:
+            break
+        sc[i] = sc[p]
+        ids[i] = ids[p]
+        i = p
+    sc[i] = score
+    ids[i] = key
+    return size
+
+
+@njit(nogil=True, cache=True)
+def _sort_desc(sc, ids, size):
+    order = np.argsort(-sc[:size])
+    tmp_s = sc[:size][order]
+    tmp_i = ids[:size][order]
+    sc[:size] = tmp_s
+    ids[:size] = tmp_i
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _flat_one(qv, Kg, n, k, sc, ids):
+    size = 0
+    for j in range(n):
+        size = _heap_push_topk(sc, ids, size, k, _dot(qv, Kg[j]), j)
+    _sort_desc(sc, ids, size)
+    return size
+
+
+@njit(nogil=True, cache=True)
+def _insert_sorted(cs, ci, cx, size, cap, score, key):
+    """Insert (score, key) into the descending list cs/ci/cx (cx: expanded flag); return new size."""
+    if size == cap and score <= cs[size - 1]:
+        return size
+    pos = size if size < cap else cap - 1
+    while pos > 0 and cs[pos - 1] < score:
+        if pos < cap:
+            cs[pos] = cs[pos - 1]
+            ci[pos] = ci[pos - 1]
+            cx[pos] = cx[pos - 1]
+        pos -= 1
+    cs[pos] = score
+    ci[pos] = key
+    cx[pos] = 0
+    return size + 1 if size < cap else size
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _beam_one(qv, Kg, n, adj, entries, ef, visited, stamp, cs, ci, cx):
+    """Best-first beam search (a sorted candidate list of size ef) over one graph.
+
+    Returns (found, scanned): the list holds `found` keys, best first; `scanned` keys were scored.
+    """
+    size = 0
+    scanned = 0
+    for e in range(entries.shape[0]):
+        u = entries[e]
+        if u < 0 or u >= n or visited[u] == stamp:
+            continue
+        visited[u] = stamp
+        scanned += 1
+        size = _insert_sorted(cs, ci, cx, size, ef, _dot(qv, Kg[u]), u)
+    pos = 0
+    while pos < size:
+        if cx[pos]:
+            pos += 1
+            continue
+        cx[pos] = 1
+        u = ci[pos]
+        for r in range(adj.shape[1]):
+            v = adj[u, r]
+            if v < 0 or v >= n or visited[v] == stamp:
+                continue
+            visited[v] = stamp
+            scanned += 1
+            s = _dot(qv, Kg[v])
+            if size < ef or s > cs[size - 1]:
+                size = _insert_sorted(cs, ci, cx, size, ef, s, v)
+        # restart from the best unexpanded candidate: insertions may have landed before pos
+        pos = 0
+    return size, scanned
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _attend_one(qv, Kg, Vg, ids, cnt, scale, o):
+    """Partial attention over keys `ids[:cnt]`: writes the normalised output to o, returns (m, s)."""
+    d = o.shape[0]
+    for i in range(d):
+        o[i] = 0.0
+    if cnt == 0:
+        return NEG_INF, np.float32(0.0)
+    m = NEG_INF
+    for j in range(cnt):
+        z = _dot(qv, Kg[ids[j]]) * scale
+        if z > m:
+            m = z
+    s = np.float32(0.0)
+    for j in range(cnt):
+        u = ids[j]
+        w = np.exp(_dot(qv, Kg[u]) * scale - m)
+        s += w
+        vu = Vg[u]
+        for i in range(d):
+            o[i] += w * vu[i]
+    inv = np.float32(1.0) / s
+    for i in range(d):
+        o[i] *= inv
+    return m, s
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def flat_search(q, K, n, k, out_ids, out_sc, out_scanned):
+    H = q.shape[0]
+    per = H // K.shape[0]
+    for h in prange(H):
+        got = _flat_one(q[h], K[h // per], n, k, out_sc[h], out_ids[h])
+        for j in range(got, k):
+            out_ids[h, j] = -1
+        out_scanned[h] = n
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def graph_search(q, K, n, k, adj, entries, ef, visited, stamp, cs, ci, cx, out_ids, out_sc, out_scanned):
+    H = q.shape[0]
+    per_k = H // K.shape[0]
+    per_a = H // adj.shape[0]
+    for h in prange(H):
+        a = h // per_a
+        got, scanned = _beam_one(q[h], K[h // per_k], n, adj[a], entries[a], ef, visited[h], stamp,
+                                 cs[h], ci[h], cx[h])
+        kk = min(k, got)
+        for j in range(kk):
+            out_ids[h, j] = ci[h, j]
+            out_sc[h, j] = cs[h, j]
+        for j in range(kk, k):
+            out_ids[h, j] = -1
+        out_scanned[h] = scanned
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def flat_attend(q, K, V, n, k, scale, sc, ids, out_o, out_m, out_s):
+    """Exact top-k + partial attention for every head (the paper's `Flat`)."""
+    H = q.shape[0]
+    per = H // K.shape[0]
+    for h in prange(H):
+        g = h // per
+        got = _flat_one(q[h], K[g], n, k, sc[h], ids[h])
+        out_m[h], out_s[h] = _attend_one(q[h], K[g], V[g], ids[h], got, scale, out_o[h])
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def graph_attend(q, K, V, n, k, scale, adj, entries, ef, visited, stamp, cs, ci, cx, out_o, out_m, out_s):
+    """Graph top-k + partial attention for every head (RetrievalAttention's CPU side)."""
+    H = q.shape[0]
+    per_k = H // K.shape[0]
+    per_a = H // adj.shape[0]
+    for h in prange(H):
+        g = h // per_k
+        got, _ = _beam_one(q[h], K[g], n, adj[h // per_a], entries[h // per_a], ef, visited[h], stamp,
+                           cs[h], ci[h], cx[h])
+        out_m[h], out_s[h] = _attend_one(q[h], K[g], V[g], ci[h], min(k, got), scale, out_o[h])
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def ids_attend(q, K, V, ids, counts, scale, out_o, out_m, out_s):
+    """Partial attention over ids found elsewhere (hnswlib)."""
+    H = q.shape[0]
+    per = H // K.shape[0]
+    for h in prange(H):
+        g = h // per
+        out_m[h], out_s[h] = _attend_one(q[h], K[g], V[g], ids[h], counts[h], scale, out_o[h])
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph construction (attention-aware, RoarGraph-style projection of the query->key bipartite graph)
+
+@njit(nogil=True, cache=True)
+def build_graph(knn, n, R, adj, entries):
+    """Fill adj (n, R) and entries (E,) from the exact top-L keys of each prefill query.
+
+    knn (m, L) int: keys in descending score order per query (-1 = none). Slots 0/1 of every row
+    are sequence edges (u-1, u+1): they make every key reachable, which a pure projection does not
+    (queries pile onto a few sink keys). Slots 2.. hold projected edges: key pairs co-retrieved by
+    the same query (the query's best key <-> each other key, and rank neighbours), most frequent
+    first.
+    """
+    m, L = knn.shape
+    for u in range(n):
+        for r in range(R):
+            adj[u, r] = -1
+        adj[u, 0] = u - 1 if u > 0 else -1
+        adj[u, 1] = u + 1 if u + 1 < n else -1
+    # candidate directed edges packed as src * n + dst
+    cand = np.empty(m * (L - 1) * 4, dtype=np.int64)
+    c = 0
+    pivot_count = np.zeros(n, dtype=np.int32)
+    for r in range(m):
+        p = knn[r, 0]
+        if p < 0:
+            continue
+        pivot_count[p] += 1
+        for j in range(1, L):
+            x = knn[r, j]
+            if x < 0:
+                break
+            cand[c] = p * n + x
+            cand[c + 1] = x * n + p
+            c += 2
+            y = knn[r, j - 1]
+            if j >= 2:
+                cand[c] = y * n + x
+                cand[c + 1] = x * n + y
+                c += 2
+    cand = np.sort(cand[:c])
+    free = R - 2
+    i = 0
+    while i < c:
+        src = cand[i] // n
+        j = i
+        while j < c and cand[j] // n == src:
+            j += 1
+        # run-length count of each destination of src, then keep the most frequent
+        dsts = np.empty(j - i, dtype=np.int64)
+        cnts = np.empty(j - i, dtype=np.int64)
+        nd = 0
+        t = i
+        while t < j:
+            e = t
+            while e < j and cand[e] == cand[t]:
+                e += 1
+            dst = cand[t] - src * n
+            if dst != src and dst != src - 1 and dst != src + 1:
+                dsts[nd] = dst
+                cnts[nd] = e - t
+                nd += 1
+            t = e
+        order = np.argsort(-cnts[:nd], kind="mergesort")
+        for r in range(min(free, nd)):
+            adj[src, 2 + r] = dsts[order[r]]
+        i = j
+    # entries: the most frequent best keys, then evenly spaced keys
+    order = np.argsort(-pivot_count, kind="mergesort")
+    E = entries.shape[0]
+    ne = 0
+    for r in range(min(E, n)):
+        if pivot_count[order[r]] == 0:
+            break
+        entries[ne] = order[r]
+        ne += 1
+    spare = E - ne
+    for r in range(spare):
+        entries[ne + r] = (r * n) // spare if n > 0 else -1
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def add_nodes(Kg, start, end, adj, entries, ef, visited, stamp, cs, ci, cx):
+    """Link keys start..end-1 (already in Kg) into the graph: a sequence edge to the previous key and
+    projected edges to the keys a search for the key itself finds, mirrored where a slot is free."""
+    R = adj.shape[1]
+    for u in range(start, end):
+        for r in range(R):
+            adj[u, r] = -1
+        if u > 0:
+            adj[u, 0] = u - 1
+            adj[u - 1, 1] = u
+        if u == 0:
+            continue
+        stamp += 1
+        got, _ = _beam_one(Kg[u], Kg, u, adj, entries, ef, visited, stamp, cs, ci, cx)
+        slot = 2
+        for j in range(got):
+            v = ci[j]
+            if slot >= R:
+                break
+            if v == u - 1:
+                continue
+            adj[u, slot] = v
+            slot += 1
+            # reverse edge: into a free slot, else over the last (least frequent) projected edge
+            placed = False
+            for r in range(2, R):
+                if adj[v, r] < 0:
+                    adj[v, r] = u
+                    placed = True
+                    break
+            if not placed and R > 2:
+                adj[v, R - 1] = u
+    return stamp

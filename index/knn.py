@@ -1,0 +1,17 @@
+"""Exact query -> key top-L by matrix products: the input of the attention-aware graph build."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def exact_topk(queries, keys, L: int, chunk: int = 4096) -> np.ndarray:
+    """queries (m, d), keys (n, d) as numpy or torch (on any device) -> (m, min(L, n)) int64 numpy,
+    best first. Runs where the tensors are (the GPU during CUDA prefill), in row chunks."""
+    q = torch.as_tensor(queries)
+    k = torch.as_tensor(keys).to(q.device, q.dtype)
+    L = min(L, k.shape[0])
+    out = torch.empty((q.shape[0], L), dtype=torch.int64, device=q.device)
+    for s in range(0, q.shape[0], chunk):
+        out[s:s + chunk] = (q[s:s + chunk] @ k.T).float().topk(L, dim=1).indices
+    return out.cpu().numpy()

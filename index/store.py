@@ -1,0 +1,226 @@
+"""Per-request, per-layer CPU store of offloaded K/V with a top-k index over the keys.
+
+`OffloadedStore` keeps K and V once per KV head, (G, cap, d) float32, grows by doubling, and answers
+one call per layer for all query heads: `attend(q, k, out_o, out_m, out_s)` finds each head's top-k
+keys and computes the partial attention over them (numba, GIL released, parallel over heads).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import kernels
+
+KINDS = ("flat", "hnsw", "graph")
+
+
+@dataclass
+class IndexParams:
+    """Search and build parameters; `ef` is the candidate-list size (>= k is enforced per search)."""
+
+    ef: int = 128
+    degree: int = 24          # graph: adjacency slots per key (2 sequence + projected)
+    entries: int = 16         # graph: entry keys per graph
+    knn: int = 16             # graph: exact top-L keys of each prefill query used for projection
+    per_head: str = "kv"      # graph: one graph per "kv" head (union of the group's queries) or per "query" head
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 100
+    threads: int = 0          # build threads for hnswlib (0: all)
+
+    def __post_init__(self):
+        if self.ef < 1 or self.degree < 3 or self.entries < 1 or self.knn < 2:
+            raise ValueError("index params: ef >= 1, degree >= 3, entries >= 1, knn >= 2")
+        if self.per_head not in ("kv", "query"):
+            raise ValueError("index params: per_head must be 'kv' or 'query'")
+
+
+class OffloadedStore:
+    def __init__(self, kind: str, n_kv_heads: int, n_heads: int, head_dim: int,
+                 params: IndexParams | None = None, with_values: bool = True, capacity: int = 1024):
+        if kind not in KINDS:
+            raise ValueError(f"unknown index kind {kind!r}; expected one of {KINDS}")
+        if n_heads % n_kv_heads:
+            raise ValueError("n_heads must be a multiple of n_kv_heads")
+        self.kind, self.G, self.H, self.d = kind, n_kv_heads, n_heads, head_dim
+        self.p = params or IndexParams()
+        self.n = 0
+        cap = max(capacity, 16)
+        self.K = np.zeros((self.G, cap, head_dim), np.float32)
+        self.V = np.zeros((self.G, cap, head_dim), np.float32) if with_values else None
+        self.A = (self.H if self.p.per_head == "query" else self.G) if kind == "graph" else self.G
+        if kind == "graph":
+            self.adj = np.full((self.A, cap, self.p.degree), -1, np.int32)
+            self.entries = np.full((self.A, self.p.entries), -1, np.int32)
+        self.hnsw: list = []
+        self.counts = np.zeros(self.H, np.int64)
+        self._stamp = 0
+        self._scratch_for(self.H, self.p.ef)
+
+    # ------------------------------------------------------------------ memory
+    @property
+    def capacity(self) -> int:
+        return self.K.shape[1]
+
+    def nbytes(self) -> int:
+        b = self.K.nbytes + (self.V.nbytes if self.V is not None else 0)
+        if self.kind == "graph":
+            b += self.adj.nbytes + self.entries.nbytes
+        for ix in self.hnsw:  # level-0 links + data, as hnswlib lays them out
+            b += ix.get_current_count() * (self.d * 4 + (2 * self.p.hnsw_m + 1) * 4 + 8)
+        return b
+
+    def index_nbytes(self) -> int:
+        if self.kind == "graph":
+            return self.adj[:, : self.n].nbytes + self.entries.nbytes
+        if self.kind == "hnsw":
+            return sum(ix.get_current_count() * ((2 * self.p.hnsw_m + 1) * 4 + 8) for ix in self.hnsw)
+        return 0
+
+    def _grow(self, need: int):
+        cap = self.capacity
+        if need <= cap:
+            return
+        new = max(need, 2 * cap)
+        self.K = _resized(self.K, new, 0.0)
+        if self.V is not None:
+            self.V = _resized(self.V, new, 0.0)
+        if self.kind == "graph":
+            self.adj = _resized(self.adj, new, -1)
+        for ix in self.hnsw:
+            ix.resize_index(new)
+        self.visited = np.zeros((self.visited.shape[0], new), np.int32)
+        self._stamp = 0
+
+    def _scratch_for(self, rows: int, width: int):
+        """(Re)allocate search scratch for `rows` searches of list size `width` (grows, never per step)."""
+        self.width = width
+        self.cs = np.empty((rows, width), np.float32)
+        self.ci = np.empty((rows, width), np.int64)
+        self.cx = np.empty((rows, width), np.uint8)
+        self.visited = np.zeros((rows, self.capacity), np.int32)
+        self._stamp = 0
+
+    def _next_stamp(self) -> int:
+        self._stamp += 1
+        if self._stamp >= 2**31 - 2:
+            self.visited[:] = 0
+            self._stamp = 1
+        return self._stamp
+
+    # ------------------------------------------------------------------ build and insert
+    def build(self, K: np.ndarray, V: np.ndarray | None, knn: np.ndarray | None):
+        """Fill from prefill: K/V (G, n, d); knn (A, m, L) exact top-L key ids of sampled prefill queries
+        (graph only; rows of -1 are ignored)."""
+        n = K.shape[1]
+        self._grow(n)
+        self.K[:, :n] = K
+        if self.V is not None:
+            self.V[:, :n] = V
+        self.n = n
+        if self.kind == "graph":
+            if knn is None:
+                raise ValueError("graph index needs the prefill queries' top keys")
+            for a in range(self.A):
+                kernels.build_graph(np.ascontiguousarray(knn[a], dtype=np.int64), n, self.p.degree,
+                                    self.adj[a], self.entries[a])
+        elif self.kind == "hnsw":
+            import hnswlib
+
+            self.hnsw = []
+            for g in range(self.G):
+                ix = hnswlib.Index(space="ip", dim=self.d)
+                ix.init_index(max_elements=self.capacity, M=self.p.hnsw_m,
+                              ef_construction=self.p.hnsw_ef_construction)
+                ix.set_num_threads(self.p.threads or -1)
+                if n:
+                    ix.add_items(self.K[g, :n], np.arange(n))
+                self.hnsw.append(ix)
+
+    def append(self, K_new: np.ndarray, V_new: np.ndarray | None):
+        """Insert keys that slid out of the device window: (G, b, d). They become searchable at once."""
+        b = K_new.shape[1]
+        if b == 0:
+            return
+        start, end = self.n, self.n + b
+        self._grow(end)
+        self.K[:, start:end] = K_new
+        if self.V is not None:
+            self.V[:, start:end] = V_new
+        self.n = end
+        if self.kind == "graph":
+            width = min(self.width, 64)
+            per = self.A // self.G
+            for a in range(self.A):
+                self._stamp = kernels.add_nodes(self.K[a // per], start, end, self.adj[a], self.entries[a], width,
+                                                self.visited[0], self._stamp, self.cs[0], self.ci[0], self.cx[0])
+            self._next_stamp()
+        elif self.kind == "hnsw":
+            for g, ix in enumerate(self.hnsw):
+                ix.add_items(self.K[g, start:end], np.arange(start, end))
+
+    # ------------------------------------------------------------------ search
+    def _ensure_width(self, rows: int, k: int):
+        w = max(self.p.ef, k)
+        if rows > self.cs.shape[0] or w > self.width:
+            self._scratch_for(max(rows, self.cs.shape[0]), max(w, self.width))
+        return w
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k key ids of each head's query q (H, d) -> ids (H, k) int64 best first (-1 past n),
+        scanned (H,) int64: keys whose score was computed (-1 where the index does not tell: hnswlib)."""
+        H = q.shape[0]
+        ids = np.full((H, k), -1, np.int64)
+        scanned = np.zeros(H, np.int64)
+        kk = min(k, self.n)
+        if kk == 0:
+            return ids, scanned
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        w = self._ensure_width(H, kk)
+        sc = np.empty((H, k), np.float32)
+        if self.kind == "flat":
+            kernels.flat_search(q, self.K, self.n, kk, ids, sc, scanned)
+        elif self.kind == "graph":
+            kernels.graph_search(q, self.K, self.n, kk, self.adj, self.entries, w, self.visited,
+                                 self._next_stamp(), self.cs, self.ci, self.cx, ids, sc, scanned)
+        else:
+            per = H // self.G
+            for g, ix in enumerate(self.hnsw):
+                ix.set_ef(max(self.p.ef, kk))
+                labels, _ = ix.knn_query(q[g * per:(g + 1) * per], k=kk)
+                ids[g * per:(g + 1) * per, :kk] = labels
+            scanned[:] = -1
+        return ids, scanned
+
+    def attend(self, q: np.ndarray, k: int, scale: float, out_o: np.ndarray, out_m: np.ndarray,
+               out_s: np.ndarray):
+        """Per head: top-k over the stored keys, then partial attention -> out_o (H, d), out_m/out_s (H,).
+
+        One native call for all heads (hnsw: one hnswlib call per KV head, then one native call)."""
+        kk = min(k, self.n)
+        if kk == 0:
+            out_o[:] = 0.0
+            out_m[:] = -np.inf
+            out_s[:] = 0.0
+            return
+        w = self._ensure_width(self.H, kk)
+        scale = np.float32(scale)
+        if self.kind == "flat":
+            kernels.flat_attend(q, self.K, self.V, self.n, kk, scale, self.cs, self.ci, out_o, out_m, out_s)
+        elif self.kind == "graph":
+            kernels.graph_attend(q, self.K, self.V, self.n, kk, scale, self.adj, self.entries, w, self.visited,
+                                 self._next_stamp(), self.cs, self.ci, self.cx, out_o, out_m, out_s)
+        else:
+            per = self.H // self.G
+            for g, ix in enumerate(self.hnsw):
+                ix.set_ef(max(self.p.ef, kk))
+                labels, _ = ix.knn_query(q[g * per:(g + 1) * per], k=kk)
+                self.ci[g * per:(g + 1) * per, :kk] = labels
+            self.counts[:] = kk
+            kernels.ids_attend(q, self.K, self.V, self.ci, self.counts, scale, out_o, out_m, out_s)
+
+
+def _resized(a: np.ndarray, cap: int, fill) -> np.ndarray:
+    out = np.full(a.shape[:1] + (cap,) + a.shape[2:], fill, a.dtype)
+    out[:, : a.shape[1]] = a
+    return out
