@@ -171,6 +171,9 @@ class SequenceKV:
         self._retrieval_s, self._retrieval_calls = 0.0, 0
         return secs / calls if calls else 0.0
 
+    def build_seconds(self) -> float:
+        return sum(s.build_seconds for s in self.stores) if self.stores is not None else 0.0
+
     def cpu_bytes(self) -> int:
         return sum(s.nbytes() for s in self.stores) if self.stores is not None else 0
 

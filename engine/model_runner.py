@@ -24,6 +24,7 @@ class PrefillStats:
     tokens: int = 0
     compute_s: float = 0.0     # the layers' forward pass
     index_wait_s: float = 0.0  # waiting for index builds after the last layer
+    build_s: float = 0.0       # index build time summed over layers (overlaps compute)
     offloaded: int = 0
 
 
@@ -74,7 +75,7 @@ class ModelRunner:
         for f in futures:
             f.result()
         t2 = time.perf_counter()
-        return logits, PrefillStats(N, t1 - t0, t2 - t1, kv.offloaded_tokens())
+        return logits, PrefillStats(N, t1 - t0, t2 - t1, kv.build_seconds(), kv.offloaded_tokens())
 
     @torch.inference_mode()
     def decode(self, token: int, pos: int, kv: SequenceKV, top_k: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ keys and computes the partial attention over them (numba, GIL released, parallel
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,7 @@ class OffloadedStore:
             self.adj = np.full((self.A, cap, self.p.degree), -1, np.int32)
             self.entries = np.full((self.A, self.p.entries), -1, np.int32)
         self.hnsw: list = []
+        self.build_seconds = 0.0
         self.counts = np.zeros(self.H, np.int64)
         self._stamp = 0
         self._scratch_for(self.H, self.p.ef)
@@ -112,6 +114,7 @@ class OffloadedStore:
     def build(self, K: np.ndarray, V: np.ndarray | None, knn: np.ndarray | None):
         """Fill from prefill: K/V (G, n, d); knn (A, m, L) exact top-L key ids of sampled prefill queries
         (graph only; rows of -1 are ignored)."""
+        t0 = time.perf_counter()
         n = K.shape[1]
         self._grow(n)
         self.K[:, :n] = K
@@ -136,6 +139,7 @@ class OffloadedStore:
                 if n:
                     ix.add_items(self.K[g, :n], np.arange(n))
                 self.hnsw.append(ix)
+        self.build_seconds = time.perf_counter() - t0
 
     def append(self, K_new: np.ndarray, V_new: np.ndarray | None):
         """Insert keys that slid out of the device window: (G, b, d). They become searchable at once."""

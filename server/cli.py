@@ -1,0 +1,157 @@
+"""`rattn serve` (the OpenAI-compatible server) and `rattn generate` (a quick trial on the engine)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from engine.attention import MODES, AttentionConfig
+from engine.loader import EMBEDDED
+
+# flag -> (type, default, help); shared by serve and generate, and the keys a --config preset may set
+ENGINE_FLAGS = {
+    "model": (str, EMBEDDED, "model: the embedded default, a checkpoint directory, a .gguf file, or with "
+                             "--load-format dummy a shape from configs/models"),
+    "load_format": (str, "auto", "auto | dummy (random weights of the --model shape)"),
+    "device": (str, "auto", "auto | cpu | cuda | cuda:N"),
+    "dtype": (str, "auto", "auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16"),
+    "attention": (str, "retrieval", f"attention mode: {' | '.join(MODES)}"),
+    "retrieve_k": (int, 100, "keys retrieved per head and decode step from the CPU store (not sampling's top_k)"),
+    "sink": (int, 128, "first tokens kept on the device"),
+    "window": (int, 512, "last tokens kept on the device"),
+    "ef": (int, 128, "index search list size"),
+    "max_model_len": (int, None, "context limit (default: the model's)"),
+    "cpu_threads": (int, 0, "CPU threads of the retrieval step (0: all cores)"),
+}
+SERVE_FLAGS = {
+    "host": (str, "127.0.0.1", "address to listen on"),
+    "port": (int, 8000, "port"),
+    "api_key": (str, None, "require 'Authorization: Bearer KEY' on /v1 routes"),
+    "max_queue": (int, 64, "requests waiting for the engine before 429"),
+    "served_model_name": (str, None, "model id clients send (default: --model)"),
+}
+
+
+def load_preset(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        alt = Path(__file__).resolve().parent.parent / "configs" / "presets" / p.name
+        if not alt.is_file():
+            raise SystemExit(f"rattn: config file not found: {path}")
+        p = alt
+    if p.suffix == ".toml":
+        data = tomllib.loads(p.read_text())
+    else:
+        import yaml
+
+        data = yaml.safe_load(p.read_text()) or {}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    known = set(ENGINE_FLAGS) | set(SERVE_FLAGS)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SystemExit(f"rattn: unknown keys in {path}: {', '.join(unknown)}")
+    return data
+
+
+def add_flags(ap: argparse.ArgumentParser, flags: dict):
+    for name, (typ, _default, help_) in flags.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_)
+
+
+def resolve_args(ns: argparse.Namespace, flags: dict) -> dict:
+    """Defaults < --config preset < command-line flags."""
+    out = {k: d for k, (_, d, _) in flags.items()}
+    if getattr(ns, "config", None):
+        out.update({k: v for k, v in load_preset(ns.config).items() if k in flags})
+    out.update({k: v for k, v in vars(ns).items() if k in flags and v is not None})
+    return out
+
+
+def engine_config(a: dict):
+    from engine.llm_engine import EngineConfig
+
+    att = AttentionConfig(mode=a["attention"], top_k=a["retrieve_k"], sink=a["sink"], window=a["window"])
+    att = att.override(ef=a["ef"])
+    return EngineConfig(model=a["model"], load_format=a["load_format"], device=a["device"], dtype=a["dtype"],
+                        attention=att, max_model_len=a["max_model_len"], max_queue=a.get("max_queue", 64),
+                        cpu_threads=a["cpu_threads"])
+
+
+def cmd_serve(ns):
+    import uvicorn
+
+    from server.api_server import ServerConfig, create_app
+
+    a = resolve_args(ns, {**ENGINE_FLAGS, **SERVE_FLAGS})
+    cfg = ServerConfig(engine=engine_config(a), served_model_name=a["served_model_name"], api_key=a["api_key"])
+    uvicorn.run(create_app(cfg), host=a["host"], port=a["port"], log_level="info")
+
+
+def cmd_generate(ns):
+    from engine.llm_engine import Engine
+    from engine.sampling import SamplingParams
+    from engine.sequence import Request
+
+    a = resolve_args(ns, ENGINE_FLAGS)
+    eng = Engine(engine_config(a))
+    prompt = Path(ns.prompt_file).read_text() if ns.prompt_file else ns.prompt
+    if prompt is None:
+        raise SystemExit("rattn generate: give --prompt or --prompt-file")
+    ids = eng.encode_chat([{"role": "user", "content": prompt}]) if ns.chat else eng.encode(prompt)
+    sp = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, seed=ns.seed)
+    t = time.perf_counter()
+    first = None
+    for out in _stream(eng, Request(ids, sp)):
+        first = first or time.perf_counter()
+        sys.stdout.write(out.text)
+        sys.stdout.flush()
+        if out.finish_reason:
+            if out.error:
+                raise SystemExit(f"\nrattn: {out.error}")
+            n, dt = out.num_generated, time.perf_counter() - t
+            print(f"\n[{out.finish_reason}] prompt {len(ids)} tokens, {n} generated, first token after "
+                  f"{first - t:.2f}s, {max(n - 1, 0) / max(time.perf_counter() - first, 1e-9):.2f} tok/s",
+                  file=sys.stderr)
+    eng.shutdown()
+
+
+def _stream(eng, request):
+    import queue
+
+    q: queue.Queue = queue.Queue()
+    eng.submit(request, q.put)
+    while True:
+        out = q.get()
+        yield out
+        if out.finish_reason:
+            return
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="rattn", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    add_flags(s, {**ENGINE_FLAGS, **SERVE_FLAGS})
+    s.add_argument("--config", help="YAML or TOML preset (keys as the flags; flags win)")
+    g = sub.add_parser("generate", help="generate once from a prompt")
+    add_flags(g, ENGINE_FLAGS)
+    g.add_argument("--config", help="YAML or TOML preset")
+    g.add_argument("--prompt")
+    g.add_argument("--prompt-file")
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    ns = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        {"serve": cmd_serve, "generate": cmd_generate}[ns.cmd](ns)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"rattn: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Prometheus metrics, named like vLLM's with the `rattn:` prefix."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+FINE_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+
+
+class Metrics:
+    """Also the engine's observer: it hears about prefills and decode steps."""
+
+    def __init__(self, engine_state):
+        r = self.registry = CollectorRegistry()
+        self.running = Gauge("rattn:num_requests_running", "Requests in the engine", registry=r)
+        self.waiting = Gauge("rattn:num_requests_waiting", "Requests queued for the engine", registry=r)
+        self.prompt_tokens = Counter("rattn:prompt_tokens", "Prefilled prompt tokens", registry=r)
+        self.generation_tokens = Counter("rattn:generation_tokens", "Generated tokens", registry=r)
+        self.success = Counter("rattn:request_success", "Finished requests", ["finished_reason"], registry=r)
+        self.ttft = Histogram("rattn:time_to_first_token_seconds", "Time to first token", registry=r,
+                              buckets=LATENCY_BUCKETS)
+        self.itl = Histogram("rattn:inter_token_latency_seconds", "Time between tokens", registry=r,
+                             buckets=LATENCY_BUCKETS)
+        self.e2e = Histogram("rattn:e2e_request_latency_seconds", "Request latency", registry=r,
+                             buckets=LATENCY_BUCKETS)
+        self.index_build = Histogram("rattn:index_build_seconds", "Index build time of one request (all layers)",
+                                     registry=r, buckets=LATENCY_BUCKETS)
+        self.retrieval = Histogram("rattn:retrieval_seconds", "One layer's CPU lookups + partial attention",
+                                   registry=r, buckets=FINE_BUCKETS)
+        self.cpu_kv = Gauge("rattn:cpu_kv_bytes", "Bytes of offloaded K/V and indexes in CPU memory", registry=r)
+        # read live on scrape, so they are never stale
+        self.running.set_function(lambda: engine_state().num_running if engine_state() else 0)
+        self.waiting.set_function(lambda: engine_state().num_waiting if engine_state() else 0)
+        self.cpu_kv.set_function(lambda: engine_state().cpu_kv_bytes() if engine_state() else 0)
+
+    # EngineObserver
+    def on_prefill(self, stats) -> None:
+        self.prompt_tokens.inc(stats.tokens)
+        if stats.offloaded:
+            self.index_build.observe(stats.build_s)
+
+    def on_decode_step(self, seconds: float, retrieval_seconds_per_layer: float) -> None:
+        if retrieval_seconds_per_layer > 0:
+            self.retrieval.observe(retrieval_seconds_per_layer)
