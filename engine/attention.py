@@ -23,7 +23,7 @@ class AttentionConfig:
     sink: int = 128           # first tokens kept on the device
     window: int = 512         # last tokens kept on the device
     evict_block: int = 64     # tokens moved from the window to the CPU store at a time
-    max_queries: int = 1024   # prefill queries per head that shape the graph index
+    max_queries: int = 256    # prefill queries per head that shape the graph index
     index: IndexParams = field(default_factory=IndexParams)
 
     def __post_init__(self):

@@ -94,12 +94,15 @@ class SequenceKV:
         if self.stores is None or mid == 0:
             return None
         k_mid = k[sink: sink + mid].transpose(0, 1)  # (G, mid, d)
-        knn = self._prefill_knn(q_rows.float(), k_mid.float()) if q_rows is not None else None
-        # own copies: the prefill buffers are reused by the next layer while this build runs
+        # own contiguous copies: the prefill buffers are reused by the next layer while this build runs
         K = torch.empty(k_mid.shape, dtype=torch.float32)
         V = torch.empty(k_mid.shape, dtype=torch.float32)
         K.copy_(k_mid)
         V.copy_(v[sink: sink + mid].transpose(0, 1))
+        knn = None
+        if q_rows is not None:
+            k_dev = K if self.device.type == "cpu" else k_mid.float().contiguous()
+            knn = self._prefill_knn(q_rows.float(), k_dev)
         return pool.submit(self.stores[l].build, K.numpy(), V.numpy(), knn)
 
     def _prefill_knn(self, q: torch.Tensor, k_mid: torch.Tensor) -> np.ndarray:

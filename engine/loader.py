@@ -89,12 +89,41 @@ def load_model(model: str, device: str, dtype: torch.dtype, load_format: str = "
     d, gguf = resolve(model)
     from transformers import AutoModelForCausalLM
 
+    if gguf:
+        cached = _gguf_cache_dir(d / gguf)
+        if (cached / "done").is_file():
+            d, gguf = cached, None
     kw = {"gguf_file": gguf} if gguf else {}
     cfg = AutoConfig.from_pretrained(str(d), **kw)
     check_arch(cfg, str(d / gguf) if gguf else str(d))
     hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype, **kw)
     tokenizer = AutoTokenizer.from_pretrained(str(d), **kw)
+    if gguf:
+        _save_gguf_cache(cached, hf, tokenizer)
     return _from_state_dict(cfg, hf.state_dict(), device, dtype), tokenizer
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    """Dequantising a GGUF takes ~20 s on 2 cores; its safetensors copy loads in ~2 s. Keyed by file
+    identity, so a changed file gets a new copy."""
+    st = path.stat()
+    root = Path(os.environ.get("RATTN_CACHE", Path.home() / ".cache" / "rattn"))
+    return root / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+
+
+def _save_gguf_cache(cached: Path, hf, tokenizer):
+    try:
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        from safetensors.torch import save_model
+
+        tmp.mkdir(parents=True, exist_ok=True)
+        hf.config.save_pretrained(tmp)  # transformers refuses save_pretrained on a GGUF-loaded model
+        save_model(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        (tmp / "done").touch()
+        os.replace(tmp, cached)
+    except OSError:  # a read-only home only costs the next start its speed
+        pass
 
 
 def _from_state_dict(cfg, sd: dict, device: str, dtype: torch.dtype) -> Transformer:
@@ -140,7 +169,3 @@ def _random_model(cfg, device: str, dtype: torch.dtype, seed: int) -> Transforme
     embed = w(shape.vocab_size, D, std=1.0)
     head = embed if shape.tie_word_embeddings else w(shape.vocab_size, D)
     return Transformer(cfg, shape, embed, layers, ones(D), head)
-
-
-def threads_default() -> int:
-    return max(1, len(os.sched_getaffinity(0)))

@@ -8,7 +8,7 @@ Only one layer's K/V and the hidden states are ever on the device at once.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -28,12 +28,27 @@ class PrefillStats:
     offloaded: int = 0
 
 
+class InlineExecutor(Executor):
+    """Runs each job at submit. On a CPU-only machine the prefill already keeps every core busy, and a
+    build thread beside it only slows both down (measured: 2 cores, 3.5K tokens, 8.6 s -> 14.4 s)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        f: Future = Future()
+        try:
+            f.set_result(fn(*args, **kwargs))
+        except Exception as e:
+            f.set_exception(e)
+        return f
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, build_threads: int = 1, chunk: int = 2048):
         self.model = model
         self.chunk = chunk
-        self.pool = ThreadPoolExecutor(max_workers=build_threads, thread_name_prefix="rattn-build")
         self.device = model.device
+        # on CUDA the CPU is idle during prefill: index builds overlap the next layers there
+        self.pool = (ThreadPoolExecutor(max_workers=build_threads, thread_name_prefix="rattn-build")
+                     if self.device.type == "cuda" else InlineExecutor())
         self._tok = torch.zeros(1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
 
