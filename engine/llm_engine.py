@@ -42,7 +42,7 @@ class EngineConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     max_model_len: int | None = None   # default: the model's max_position_embeddings
     max_queue: int = 64
-    build_threads: int = 1
+    build_threads: int = 0             # index builds in parallel on CUDA (0: one per core)
     cpu_threads: int = 0               # numba threads of the retrieval step (0: all cores)
     seed: int = 0                      # dummy weights
 

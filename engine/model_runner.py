@@ -7,6 +7,7 @@ Only one layer's K/V and the hidden states are ever on the device at once.
 """
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,12 +43,12 @@ class InlineExecutor(Executor):
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, build_threads: int = 1, chunk: int = 2048):
+    def __init__(self, model: Transformer, build_threads: int = 0, chunk: int = 2048):
         self.model = model
         self.chunk = chunk
         self.device = model.device
         # on CUDA the CPU is idle during prefill: index builds overlap the next layers there
-        self.pool = (ThreadPoolExecutor(max_workers=build_threads, thread_name_prefix="rattn-build")
+        self.pool = (ThreadPoolExecutor(max_workers=build_threads or os.cpu_count(), thread_name_prefix="rattn-build")
                      if self.device.type == "cuda" else InlineExecutor())
         self._tok = torch.zeros(1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)

@@ -209,7 +209,8 @@ class OffloadedStore:
             return
         w = self._ensure_width(self.H, kk)
         scale = np.float32(scale)
-        if self.kind == "flat":
+        # k covering every key: the answer is all keys, whatever the index (hnswlib cannot return k = n)
+        if self.kind == "flat" or kk == self.n:
             kernels.flat_attend(q, self.K, self.V, self.n, kk, scale, self.cs, self.ci, out_o, out_m, out_s)
         elif self.kind == "graph":
             kernels.graph_attend(q, self.K, self.V, self.n, kk, scale, self.adj, self.entries, w, self.visited,

@@ -1,0 +1,140 @@
+"""Per-token decode latency, prefill time (TTFT incl. index build) and memory of every attention mode,
+side by side in one run, plus the exactness check: `flat` with top_k = all gives `full`'s greedy tokens.
+
+CPU, embedded model, a real 3.5K-token prompt:
+    python bench/decode_speed.py --context 3500 --out bench/results/decode_speed_cpu.json
+GPU machine, Llama-3-8B shape with random bf16 weights, 24 GB card emulated:
+    python bench/decode_speed.py --model llama-3-8b --load-format dummy --device cuda --context 32768 \
+        --gpu-mem-gb 24 --out bench/results/decode_speed_h200_32k.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from engine.attention import MODES, AttentionConfig  # noqa: E402
+from engine.kv import SequenceKV  # noqa: E402
+from engine.llm_engine import Engine, EngineConfig  # noqa: E402
+
+ALL = 10**9
+
+
+def prompt_ids(engine: Engine, n: int, seed: int) -> list[int]:
+    if engine.tokenizer is not None:
+        from bench.tasks import passkey
+
+        return engine.encode_chat(passkey(engine.tokenizer, n, seed).messages)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, engine.shape.vocab_size - 100, (n,), generator=g).tolist()
+
+
+def sync(dev: torch.device):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int) -> dict:
+    dev = engine.device
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    kv = None
+    try:
+        kv = SequenceKV(engine.shape, att, len(ids) + steps, dev, engine.model.dtype)
+        sync(dev)
+        t0 = time.perf_counter()
+        logits, stats = engine.runner.prefill(ids, kv)
+        sync(dev)
+        ttft = time.perf_counter() - t0
+        tokens, lat, retr = [int(torch.argmax(logits))], [], []
+        for i in range(steps):
+            t = time.perf_counter()
+            logits = engine.runner.decode(tokens[-1], len(ids) + i, kv, att.top_k)
+            tokens.append(int(torch.argmax(logits)))  # syncs: the step is complete
+            lat.append(time.perf_counter() - t)
+            retr.append(kv.take_retrieval_seconds())
+        warm = lat[2:] if len(lat) > 4 else lat  # first steps include lazy allocations / JIT loads
+        lat_sorted = sorted(warm)
+        out = {
+            "mode": att.mode, "top_k": att.top_k, "status": "ok", "prompt_tokens": len(ids),
+            "ttft_s": round(ttft, 4), "prefill_compute_s": round(stats.compute_s, 4),
+            "index_wait_s": round(stats.index_wait_s, 4), "index_build_s_sum": round(stats.build_s, 4),
+            "offloaded_tokens": stats.offloaded,
+            "decode_ms_median": round(1e3 * statistics.median(warm), 3),
+            "decode_ms_p90": round(1e3 * lat_sorted[int(0.9 * (len(lat_sorted) - 1))], 3),
+            "retrieval_ms_per_layer_median": round(1e3 * statistics.median(retr[2:] or retr), 4),
+            "cpu_store_bytes": kv.cpu_bytes(), "tokens": tokens,
+        }
+        if dev.type == "cuda":
+            out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
+        return out
+    except torch.OutOfMemoryError as e:
+        return {"mode": att.mode, "top_k": att.top_k, "status": "oom", "error": str(e).splitlines()[0]}
+    finally:
+        if kv is not None:
+            kv.free()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--context", type=int, default=3500)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--top-k", type=int, default=100)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--gpu-mem-gb", type=float, default=None, help="cap GPU memory (24: an RTX 4090)")
+    ap.add_argument("--check-exact", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run flat with top_k = all and compare its greedy tokens with full")
+    ap.add_argument("--out", default="bench/results/decode_speed.json")
+    a = ap.parse_args(argv)
+
+    if a.gpu_mem_gb and a.device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_mem_gb * 2**30 / total))
+    t = time.perf_counter()
+    engine = Engine(EngineConfig(model=a.model, load_format=a.load_format, device=a.device))
+    load_s = time.perf_counter() - t
+    ids = prompt_ids(engine, a.context, 0)
+    results = []
+    for mode in a.modes.split(","):
+        r = run_mode(engine, ids, AttentionConfig(mode=mode, top_k=a.top_k), a.steps)
+        print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
+        results.append(r)
+    exact = None
+    if a.check_exact:
+        flat_all = run_mode(engine, ids, AttentionConfig(mode="flat", top_k=ALL), min(a.steps, 16))
+        full = next((r for r in results if r["mode"] == "full" and r["status"] == "ok"), None)
+        if full is None:  # full did not fit the cap: compare without it
+            full = run_mode(engine, ids, AttentionConfig(mode="full"), min(a.steps, 16))
+        n = min(len(flat_all.get("tokens", [])), len(full.get("tokens", [])))
+        exact = {"flat_all_tokens": flat_all.get("tokens"), "full_tokens": full.get("tokens"),
+                 "same_greedy_tokens": n > 0 and flat_all["tokens"][:n] == full["tokens"][:n], "compared": n,
+                 "flat_all_decode_ms_median": flat_all.get("decode_ms_median")}
+        print(json.dumps({k: v for k, v in exact.items() if "tokens" not in k or k == "same_greedy_tokens"}))
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+           "device": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else platform.processor() or "cpu",
+           "gpu_mem_cap_gb": a.gpu_mem_gb}
+    report = {"bench": "decode_speed", "model": a.model, "load_format": a.load_format, "dtype": engine.config.dtype,
+              "context": len(ids), "steps": a.steps, "load_s": round(load_s, 2), "env": env,
+              "command": "python bench/decode_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "modes": results, "exactness": exact}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(report, indent=1))
+    print("wrote", a.out)
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Every attention mode runs the same decode path: with top_k covering every offloaded key, the CPU
+modes must reproduce full attention."""
+import pytest
+import torch
+
+from engine.attention import AttentionConfig
+from engine.kv import SequenceKV
+from engine.sampling import SamplingParams
+from engine.sequence import Request
+
+ALL = 10**6
+
+
+def greedy_logits(engine, ids, att: AttentionConfig, steps: int):
+    kv = SequenceKV(engine.shape, att, len(ids) + steps, engine.device, engine.model.dtype)
+    logits, stats = engine.runner.prefill(ids, kv)
+    tokens, out = [], [logits]
+    for i in range(steps):
+        tokens.append(int(torch.argmax(logits)))
+        logits = engine.runner.decode(tokens[-1], len(ids) + i, kv, att.top_k)
+        out.append(logits)
+    return tokens, out, stats
+
+
+@pytest.fixture(scope="module")
+def full_run(engine, long_prompt):
+    return greedy_logits(engine, long_prompt, AttentionConfig(mode="full"), 12)
+
+
+@pytest.mark.parametrize("mode", ["flat", "hnsw", "retrieval"])
+def test_cpu_modes_with_all_keys_equal_full(engine, long_prompt, full_run, mode):
+    tokens, logits, stats = greedy_logits(engine, long_prompt, AttentionConfig(mode=mode, top_k=ALL), 12)
+    assert stats.offloaded == len(long_prompt) - 128 - 512  # the middle really went to the CPU store
+    assert tokens == full_run[0]
+    for a, b in zip(logits, full_run[1]):
+        assert torch.linalg.vector_norm(a - b) <= 1e-4 * torch.linalg.vector_norm(b)
+
+
+@pytest.mark.parametrize("mode", ["flat", "retrieval"])
+def test_generation_past_the_window_stays_exact(engine, long_prompt, mode):
+    """Small window: tokens slide out during decoding, into the store and its index."""
+    small = dict(sink=16, window=64, evict_block=16)
+    full, _, _ = greedy_logits(engine, long_prompt, AttentionConfig(mode="full"), 48)
+    att = AttentionConfig(mode=mode, top_k=ALL, **small)
+    kv = SequenceKV(engine.shape, att, len(long_prompt) + 48, engine.device, engine.model.dtype)
+    logits, _ = engine.runner.prefill(long_prompt, kv)
+    n0 = kv.offloaded_tokens()
+    tokens = []
+    for i in range(48):
+        tokens.append(int(torch.argmax(logits)))
+        logits = engine.runner.decode(tokens[-1], len(long_prompt) + i, kv, ALL)
+    assert kv.offloaded_tokens() > n0  # evicted tokens were inserted
+    assert tokens == full
+
+
+def test_streaming_mode_differs_from_full_on_long_prompt(engine, long_prompt, full_run):
+    """The lower baseline really drops the middle of the context (else the comparison means nothing)."""
+    _, logits, _ = greedy_logits(engine, long_prompt, AttentionConfig(mode="streaming"), 1)
+    torch.testing.assert_close(logits[0], full_run[1][0])  # prefill itself is always exact
+    assert not torch.allclose(logits[1], full_run[1][1], rtol=1e-3)
+
+
+def test_submit_api_runs_every_mode(engine):
+    ids = engine.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    for mode in ("full", "streaming", "flat", "hnsw", "retrieval"):
+        att = AttentionConfig(mode=mode, sink=4, window=8, evict_block=4)
+        outs = engine.generate(Request(ids, SamplingParams(max_tokens=8, temperature=0), att))
+        assert outs[-1].finish_reason in ("stop", "length"), outs[-1].error
+        assert "".join(o.text for o in outs).strip()
+
+
+def test_context_limit_is_enforced(engine):
+    with pytest.raises(ValueError, match="maximum context length"):
+        engine.submit(Request([1] * 100, SamplingParams(max_tokens=engine.max_model_len)), lambda o: None)
