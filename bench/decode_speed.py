@@ -90,6 +90,7 @@ def main(argv=None):
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--load-format", default="auto")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--context", type=int, default=3500)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--top-k", type=int, default=100)
@@ -104,7 +105,7 @@ def main(argv=None):
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_mem_gb * 2**30 / total))
     t = time.perf_counter()
-    engine = Engine(EngineConfig(model=a.model, load_format=a.load_format, device=a.device))
+    engine = Engine(EngineConfig(model=a.model, load_format=a.load_format, device=a.device, dtype=a.dtype))
     load_s = time.perf_counter() - t
     ids = prompt_ids(engine, a.context, 0)
     results = []

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Executor, Future
+from dataclasses import replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from index import OffloadedStore, exact_topk
 
@@ -35,14 +37,20 @@ class SequenceKV:
         else:
             self.S, self.C, self.W = cfg.sink, _round_up(cfg.window + B, B), cfg.window
         n = self.S + self.C
-        self.k = torch.zeros(L, G, n, d, device=device, dtype=dtype)
-        self.v = torch.zeros(L, G, n, d, device=device, dtype=dtype)
+        # The static part of the partial modes is small (sink + window), so it is kept in float32: its
+        # scores then never round to bf16 before the softmax. `full` keeps the model dtype and uses SDPA.
+        self.full = cfg.mode == "full"
+        sdtype = dtype if self.full else torch.float32
+        self.k = torch.zeros(L, G, n, d, device=device, dtype=sdtype)
+        self.v = torch.zeros(L, G, n, d, device=device, dtype=sdtype)
         self.bias = torch.full((n,), float("-inf"), device=device)
         self.written = 0  # ring writes so far
         self.evicted = 0  # ring slots handed to the CPU store (or dropped, in streaming mode)
         self.scale = shape.head_dim ** -0.5
         kind = cfg.store_kind
-        self.stores = ([OffloadedStore(kind, G, H, d, cfg.index) for _ in range(L)] if kind else None)
+        # on CUDA one build runs per core at once (ModelRunner's pool), so each build is single-threaded
+        params = replace(cfg.index, threads=1) if device.type == "cuda" else cfg.index
+        self.stores = ([OffloadedStore(kind, G, H, d, params) for _ in range(L)] if kind else None)
         pin = device.type == "cuda"
         # small host<->device buffers of the per-layer CPU step, allocated once per request
         self.q_host = torch.empty(H, d, dtype=torch.float32, pin_memory=pin)
@@ -147,15 +155,20 @@ class SequenceKV:
     def attend(self, l: int, q: torch.Tensor, top_k: int) -> torch.Tensor:
         """q (H, d) roped -> attention output (H, d): device static part || CPU retrieved part, merged."""
         hi = self.S + min(self.C, self.written)
+        if self.full:  # every slot up to hi is valid: plain attention, softmax in float32 inside SDPA
+            o = F.scaled_dot_product_attention(q[None, :, None], self.k[None, l, :, :hi], self.v[None, l, :, :hi],
+                                               enable_gqa=True)
+            return o[0, :, 0]
         store = self.stores[l] if self.stores is not None else None
+        qf = q.float()
         if store is None or store.n == 0:
-            o, _, _ = partial_attention(q, self.k[l, :, :hi], self.v[l, :, :hi], self.bias[:hi], self.scale)
+            o, _, _ = partial_attention(qf, self.k[l, :, :hi], self.v[l, :, :hi], self.bias[:hi], self.scale)
             return o.to(q.dtype)
-        self.q_host.copy_(q, non_blocking=True)
+        self.q_host.copy_(qf, non_blocking=True)
         if self.q_ready is not None:
             self.q_ready.record()
         # queued on the device; on CUDA it runs while the CPU searches below
-        o_w, m_w, s_w = partial_attention(q, self.k[l, :, :hi], self.v[l, :, :hi], self.bias[:hi], self.scale)
+        o_w, m_w, s_w = partial_attention(qf, self.k[l, :, :hi], self.v[l, :, :hi], self.bias[:hi], self.scale)
         if self.q_ready is not None:
             self.q_ready.synchronize()
         ms = self.ms_host.numpy()
