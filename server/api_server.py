@@ -124,8 +124,10 @@ class Generation:
                         raise APIError(500, f"generation failed: {out.error}", "server_error")
                 yield i, out
         finally:
-            if self.pending:
+            if self.pending:  # the consumer left (client gone): the engine drops these within a step
                 self.abort()
+                m.success.labels(finished_reason="abort").inc(self.pending)
+                self.pending = 0
 
 
 def _with_seed(sp: SamplingParams, seed: int) -> SamplingParams:
@@ -157,7 +159,8 @@ def _sampling(req, max_tokens: int, logprobs: int | None, engine: Engine) -> Sam
         return SamplingParams(
             max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
             top_k=max(req.top_k or 0, 0), seed=req.seed, presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty, stop=req.stop or [], logprobs=logprobs)
+            frequency_penalty=req.frequency_penalty, stop=req.stop or [], logprobs=logprobs,
+            ignore_eos=req.ignore_eos)
     except ValueError as e:
         raise APIError(400, str(e)) from None
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 import tomllib
@@ -62,10 +63,18 @@ def add_flags(ap: argparse.ArgumentParser, flags: dict):
 
 
 def resolve_args(ns: argparse.Namespace, flags: dict) -> dict:
-    """Defaults < --config preset < command-line flags."""
+    """Defaults < --config preset (or RATTN_CONFIG) < RATTN_<FLAG> environment variables < flags."""
     out = {k: d for k, (_, d, _) in flags.items()}
-    if getattr(ns, "config", None):
-        out.update({k: v for k, v in load_preset(ns.config).items() if k in flags})
+    preset = getattr(ns, "config", None) or os.environ.get("RATTN_CONFIG")
+    if preset:
+        out.update({k: v for k, v in load_preset(preset).items() if k in flags})
+    for k, (typ, _, _) in flags.items():
+        env = os.environ.get("RATTN_" + k.upper())
+        if env:
+            try:
+                out[k] = typ(env)
+            except ValueError:
+                raise SystemExit(f"rattn: RATTN_{k.upper()}={env!r} is not a valid {typ.__name__}") from None
     out.update({k: v for k, v in vars(ns).items() if k in flags and v is not None})
     return out
 

@@ -50,6 +50,7 @@ class _Sampling(_Lenient):
     stream_options: StreamOptions | None = None
     user: str | None = None
     attention: AttentionOverride | None = None
+    ignore_eos: bool = False          # vLLM's extension: generate max_tokens whatever the model says
     # known fields we cannot honour: accepted only at their neutral value
     logit_bias: dict | None = None
     best_of: int | None = None
