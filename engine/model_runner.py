@@ -54,8 +54,9 @@ class ModelRunner:
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int], kv: SequenceKV) -> tuple[torch.Tensor, PrefillStats]:
-        """-> logits (V,) float32 of the last prompt position."""
+    def prefill(self, ids: list[int], kv: SequenceKV, capture=None) -> tuple[torch.Tensor, PrefillStats]:
+        """-> logits (V,) float32 of the last prompt position. `capture(l, start, q, k)`, if given, sees
+        every chunk's roped queries and keys (benchmarks dump them)."""
         m, s = self.model, self.model.shape
         t0 = time.perf_counter()
         N = len(ids)
@@ -75,6 +76,8 @@ class ModelRunner:
                 b = min(N, a + self.chunk)
                 q, k, v = m.qkv(l, h[a:b], cos[a:b], sin[a:b])
                 k_all[a:b], v_all[a:b] = k, v
+                if capture is not None:
+                    capture(l, a, q, k)
                 if rows_dev is not None:
                     lo, hi = torch.searchsorted(rows, torch.tensor([a, b])).tolist()
                     q_rows[lo:hi] = q[rows_dev[lo:hi] - a]

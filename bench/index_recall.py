@@ -1,0 +1,192 @@
+"""Index quality on real attention: q/k dumped from the embedded model, every layer and head.
+
+For each kind (flat, hnsw, graph per KV head, graph per query head) over a sweep of search budgets:
+recall@k, attention-mass recall (share of the exact softmax mass over the offloaded keys that the
+retrieved set captures), % of keys scanned, microseconds per search on one core, build seconds, and
+index bytes. Decode-like queries are the queries of the last `--test-queries` prompt positions; they
+are excluded from the build, whose queries are sampled from the rest as the engine does.
+
+    python bench/index_recall.py --tokens 7200 --out bench/results/index_recall.json --png bench/results/index_recall.png
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from engine.attention import AttentionConfig  # noqa: E402
+from engine.kv import SequenceKV  # noqa: E402
+from engine.llm_engine import Engine, EngineConfig  # noqa: E402
+from index import IndexParams, OffloadedStore, exact_topk  # noqa: E402
+
+
+def corpus_text() -> str:
+    """Varied real text that ships with Python: the source of a few standard-library modules."""
+    import argparse as m1
+    import email.message as m5
+    import json.decoder as m3
+    import logging as m2
+    import textwrap as m4
+
+    return "\n\n".join(inspect.getsource(m) for m in (m1, m2, m3, m4, m5))
+
+
+def dump(engine: Engine, n_tokens: int):
+    ids = engine.tokenizer.encode(corpus_text())[:n_tokens]
+    s = engine.shape
+    Q = np.zeros((s.n_layers, len(ids), s.n_heads, s.head_dim), np.float32)
+    K = np.zeros((s.n_layers, len(ids), s.n_kv_heads, s.head_dim), np.float32)
+
+    def capture(l, a, q, k):
+        Q[l, a:a + q.shape[0]] = q.float().numpy()
+        K[l, a:a + k.shape[0]] = k.float().numpy()
+
+    kv = SequenceKV(s, AttentionConfig(mode="streaming"), len(ids) + 1, engine.device, engine.model.dtype)
+    t = time.perf_counter()
+    engine.runner.prefill(ids, kv, capture=capture)
+    return Q, K, time.perf_counter() - t
+
+
+def evaluate(Q, K, kinds, budgets, k, sink, window, n_test, max_queries, knn_L, scale):
+    L, N, H, d = Q.shape
+    G = K.shape[2]
+    per = H // G
+    lo, hi = sink, N - window  # the offloaded keys
+    test = np.arange(N - n_test, N)
+    build_pos = np.unique(np.linspace(0, N - n_test - 1, max_queries).astype(np.int64))
+    rows = {}
+    for name, kind, per_head in kinds:
+        for ef in budgets:
+            rows[(name, ef)] = {"recall": [], "mass": [], "scanned": [], "us": []}
+        rows[(name, "build_s")] = 0.0
+        rows[(name, "bytes")] = 0
+    for l in range(L):
+        Koff = np.ascontiguousarray(K[l, lo:hi].transpose(1, 0, 2))  # (G, n, d)
+        n = Koff.shape[1]
+        qt = Q[l, test]  # (T, H, d)
+        # exact answers per head
+        scores = np.einsum("thd,hnd->thn", qt, np.repeat(Koff, per, axis=0)) * scale  # (T, H, n)
+        exact = np.argsort(-scores, axis=-1)[..., :k]
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        qb = torch.from_numpy(Q[l, build_pos])  # (m, H, d)
+        for name, kind, per_head in kinds:
+            params = IndexParams(per_head=per_head, knn=knn_L)
+            t = time.perf_counter()
+            knn = None
+            if kind == "graph":
+                kt = torch.from_numpy(Koff)
+                knn = (np.stack([exact_topk(qb[:, h], kt[h // per], knn_L) for h in range(H)])
+                       if per_head == "query" else
+                       np.stack([exact_topk(qb[:, g * per:(g + 1) * per].reshape(-1, d), kt[g], knn_L)
+                                 for g in range(G)]))
+            store = OffloadedStore(kind, G, H, d, params, with_values=False, capacity=n)
+            store.build(Koff, None, knn)
+            rows[(name, "build_s")] += time.perf_counter() - t
+            rows[(name, "bytes")] += store.index_nbytes()
+            for ef in budgets:
+                store.p.ef = ef
+                r = rows[(name, ef)]
+                store.search(qt[0], k)  # warm
+                t = time.perf_counter()
+                for i in range(len(test)):
+                    ids, scanned = store.search(qt[i], k)
+                    hit = ids >= 0
+                    for h in range(H):
+                        got = ids[h][hit[h]]
+                        r["recall"].append(len(np.intersect1d(got, exact[i, h])) / k)
+                        r["mass"].append(float(p[i, h, got].sum()))
+                        r["scanned"].append(scanned[h] / n if scanned[h] >= 0 else np.nan)
+                r["us"].append((time.perf_counter() - t) / (len(test) * H) * 1e6)
+    out = []
+    for name, kind, per_head in kinds:
+        for ef in budgets:
+            r = rows[(name, ef)]
+            mass = np.array(r["mass"])
+            sc = np.array(r["scanned"], dtype=np.float64)
+            out.append({
+                "kind": name, "ef": ef, "k": k,
+                "recall_at_k_median": round(float(np.median(r["recall"])), 4),
+                "mass_recall_median": round(float(np.median(mass)), 4),
+                "mass_recall_p10": round(float(np.percentile(mass, 10)), 4),
+                "mass_recall_mean": round(float(mass.mean()), 4),
+                "scanned_pct_median": None if np.isnan(sc).all() else round(100 * float(np.nanmedian(sc)), 2),
+                "scanned_pct_p90": None if np.isnan(sc).all() else round(100 * float(np.nanpercentile(sc, 90)), 2),
+                "us_per_search_1core": round(float(np.mean(r["us"])), 2),
+                "build_s_all_layers": round(rows[(name, "build_s")], 3),
+                "index_bytes_all_layers": int(rows[(name, "bytes")]),
+            })
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for name in dict.fromkeys(r["kind"] for r in results):
+        rs = [r for r in results if r["kind"] == name]
+        if rs[0]["scanned_pct_median"] is not None:
+            ax[0].plot([r["scanned_pct_median"] for r in rs], [r["mass_recall_median"] for r in rs], "o-", label=name)
+        ax[1].plot([r["us_per_search_1core"] for r in rs], [r["mass_recall_median"] for r in rs], "o-", label=name)
+    ax[0].set_xlabel("% of offloaded keys scanned (median)")
+    ax[1].set_xlabel("us per search, one core")
+    for a in ax:
+        a.set_ylabel("attention-mass recall (median)")
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.suptitle("Index quality on real SmolLM2-135M queries (all layers and heads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=7200)
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--budgets", default="100,200,400,800")
+    ap.add_argument("--test-queries", type=int, default=32)
+    ap.add_argument("--max-queries", type=int, default=256)
+    ap.add_argument("--knn", type=int, default=16)
+    ap.add_argument("--kinds", default="flat,hnsw,graph-kv,graph-query")
+    ap.add_argument("--out", default="bench/results/index_recall.json")
+    ap.add_argument("--png", default="bench/results/index_recall.png")
+    a = ap.parse_args(argv)
+    numba.set_num_threads(1)  # per-search figures are for one core
+    engine = Engine(EngineConfig(device="cpu"))
+    Q, K, prefill_s = dump(engine, a.tokens)
+    cfg = AttentionConfig()
+    table = {"flat": ("flat", "flat", "kv"), "hnsw": ("hnsw", "hnsw", "kv"),
+             "graph-kv": ("graph-kv", "graph", "kv"), "graph-query": ("graph-query", "graph", "query")}
+    kinds = [table[x] for x in a.kinds.split(",")]
+    budgets = [int(x) for x in a.budgets.split(",")]
+    results = evaluate(Q, K, kinds, budgets, a.k, cfg.sink, cfg.window, a.test_queries, a.max_queries, a.knn,
+                       engine.shape.head_dim ** -0.5)
+    report = {"bench": "index_recall", "model": "smollm2-135m-instruct", "tokens": int(Q.shape[1]),
+              "offloaded_keys": int(Q.shape[1] - cfg.sink - cfg.window), "layers": int(Q.shape[0]),
+              "heads": int(Q.shape[2]), "prefill_s_2cores": round(prefill_s, 2), "k": a.k,
+              "max_queries_per_head": a.max_queries, "knn": a.knn,
+              "command": "python bench/index_recall.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "results": results}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(report, indent=1))
+    if a.png:
+        plot(results, a.png)
+    print("wrote", a.out, a.png)
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
