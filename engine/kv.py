@@ -155,10 +155,12 @@ class SequenceKV:
     def attend(self, l: int, q: torch.Tensor, top_k: int) -> torch.Tensor:
         """q (H, d) roped -> attention output (H, d): device static part || CPU retrieved part, merged."""
         hi = self.S + min(self.C, self.written)
-        if self.full:  # every slot up to hi is valid: plain attention, softmax in float32 inside SDPA
-            o = F.scaled_dot_product_attention(q[None, :, None], self.k[None, l, :, :hi], self.v[None, l, :, :hi],
-                                               enable_gqa=True)
-            return o[0, :, 0]
+        if self.full:
+            # every slot up to hi is valid. The query heads of a KV group go in as that group's "sequence"
+            # (one position, no mask), so SDPA's fused kernels read each K/V once; softmax in float32 inside.
+            G, d = self.k.shape[1], q.shape[-1]
+            o = F.scaled_dot_product_attention(q.view(1, G, -1, d), self.k[None, l, :, :hi], self.v[None, l, :, :hi])
+            return o.view(-1, d)
         store = self.stores[l] if self.stores is not None else None
         qf = q.float()
         if store is None or store.n == 0:
