@@ -78,6 +78,7 @@ class Generation:
         self.t0 = time.perf_counter()
         self.last: dict[int, float] = {}
         self.prompt_tokens = sum(len(p) for p in prompts)
+        self.completion_tokens = 0
         base = uuid.uuid4().hex[:12]
         try:
             for i, (p, j) in enumerate((p, j) for p in prompts for j in range(n)):
@@ -110,6 +111,7 @@ class Generation:
                     continue
                 now = time.perf_counter()
                 if out.token is not None:
+                    self.completion_tokens += 1
                     m.generation_tokens.inc()
                     if i in self.last:
                         m.itl.observe(now - self.last[i])
@@ -293,22 +295,20 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
             return EventSourceResponse(_stream_chat(gen, head, req, engine, len(ids)), ping=15)
         texts, reasons = [""] * req.n, [None] * req.n
         lps: list[list] = [[] for _ in range(req.n)]
-        completion = 0
         async for i, out in gen.outputs(request):
             texts[i] += out.text
-            if out.token is not None:
-                completion += 1
-                if lp is not None:
-                    lps[i].append(_chat_logprobs(engine, out))
+            if out.token is not None and lp is not None:
+                lps[i].append(_chat_logprobs(engine, out))
             reasons[i] = out.finish_reason or reasons[i]
         if any(r == "abort" for r in reasons):
             return Response(status_code=499)
         choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                     "logprobs": {"content": lps[i]} if lp is not None else None, "finish_reason": reasons[i]}
                    for i in range(req.n)]
-        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(len(ids), completion)}
+        return {**head, "object": "chat.completion", "choices": choices,
+                "usage": _usage(len(ids), gen.completion_tokens)}
 
-    async def _stream_chat(gen: Generation, head: dict, req, engine: Engine, prompt_len: int):
+    def _stream_chat(gen: Generation, head: dict, req, engine: Engine, prompt_len: int):
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         lp = req.logprobs
 
@@ -318,28 +318,19 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
                 c["usage"] = usage
             return {"data": json.dumps(c)}
 
-        completion = 0
-        try:
+        async def events():
             for i in range(req.n):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
             async for i, out in gen.outputs():
-                if out.token is not None:
-                    completion += 1
                 if out.text or (lp and out.token is not None):
                     yield chunk([{"index": i, "delta": {"content": out.text},
                                   "logprobs": {"content": [_chat_logprobs(engine, out)]} if lp else None,
                                   "finish_reason": None}])
                 if out.finish_reason is not None:
                     yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}])
-            if include_usage:
-                yield chunk([], _usage(prompt_len, completion))
-            yield {"data": "[DONE]"}
-        except APIError as e:
-            yield {"data": json.dumps(e.body())}
-        finally:
-            if gen.pending:
-                gen.abort()
+
+        return _sse(events(), gen, chunk, prompt_len if include_usage else None)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -358,23 +349,19 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
             return EventSourceResponse(_stream_completion(gen, head, req, engine, prompt_tokens), ping=15)
         texts, reasons = [""] * total, [None] * total
         lps = [_empty_completion_logprobs() for _ in range(total)]
-        completion = 0
         async for i, out in gen.outputs(request):
-            if out.token is not None:
-                completion += 1
-                if req.logprobs is not None:
-                    _add_completion_logprob(lps[i], engine, out, len(texts[i]))
+            if out.token is not None and req.logprobs is not None:
+                _add_completion_logprob(lps[i], engine, out, len(texts[i]))
             texts[i] += out.text
             reasons[i] = out.finish_reason or reasons[i]
         if any(r == "abort" for r in reasons):
             return Response(status_code=499)
         choices = [{"index": i, "text": texts[i], "logprobs": lps[i] if req.logprobs is not None else None,
                     "finish_reason": reasons[i]} for i in range(total)]
-        return {**head, "choices": choices, "usage": _usage(prompt_tokens, completion)}
+        return {**head, "choices": choices, "usage": _usage(prompt_tokens, gen.completion_tokens)}
 
-    async def _stream_completion(gen: Generation, head: dict, req, engine: Engine, prompt_tokens: int):
+    def _stream_completion(gen: Generation, head: dict, req, engine: Engine, prompt_tokens: int):
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        completion = 0
         offsets: dict[int, int] = {}
 
         def chunk(choices, usage=None):
@@ -383,27 +370,32 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
                 c["usage"] = usage
             return {"data": json.dumps(c)}
 
-        try:
+        async def events():
             async for i, out in gen.outputs():
                 lp = None
-                if out.token is not None:
-                    completion += 1
-                    if req.logprobs is not None:
-                        lp = _empty_completion_logprobs()
-                        _add_completion_logprob(lp, engine, out, offsets.get(i, 0))
+                if out.token is not None and req.logprobs is not None:
+                    lp = _empty_completion_logprobs()
+                    _add_completion_logprob(lp, engine, out, offsets.get(i, 0))
                 offsets[i] = offsets.get(i, 0) + len(out.text)
                 if out.text or lp or out.finish_reason:
                     yield chunk([{"index": i, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}])
-            if include_usage:
-                yield chunk([], _usage(prompt_tokens, completion))
-            yield {"data": "[DONE]"}
-        except APIError as e:
-            yield {"data": json.dumps(e.body())}
-        finally:
-            if gen.pending:
-                gen.abort()
+
+        return _sse(events(), gen, chunk, prompt_tokens if include_usage else None)
 
     return app
+
+
+async def _sse(events, gen: Generation, chunk, usage_prompt_tokens: int | None):
+    """The tail every stream shares: the usage chunk (with include_usage), `[DONE]`, and a failure as an
+    OpenAI-shaped error event. A client that leaves stops this generator; Generation aborts the rest."""
+    try:
+        async for c in events:
+            yield c
+        if usage_prompt_tokens is not None:
+            yield chunk([], _usage(usage_prompt_tokens, gen.completion_tokens))
+        yield {"data": "[DONE]"}
+    except APIError as e:
+        yield {"data": json.dumps(e.body())}
 
 
 def _empty_completion_logprobs() -> dict:

@@ -29,6 +29,7 @@ class AttentionOverride(_Lenient):
     top_k: int | None = Field(None, ge=1, le=100_000)
     sink: int | None = Field(None, ge=0, le=1_000_000)
     window: int | None = Field(None, ge=1, le=1_000_000)
+    ef: int | None = Field(None, ge=1, le=100_000)  # index search list size
 
 
 class StreamOptions(_Lenient):
