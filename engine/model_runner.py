@@ -53,24 +53,32 @@ class ModelRunner:
         self._tok = torch.zeros(1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
 
-    @torch.inference_mode()
     def prefill(self, ids: list[int], kv: SequenceKV, capture=None) -> tuple[torch.Tensor, PrefillStats]:
         """-> logits (V,) float32 of the last prompt position. `capture(l, start, q, k)`, if given, sees
         every chunk's roped queries and keys (benchmarks dump them)."""
+        logits, stats = self.prefill_many(ids, [kv], capture)
+        return logits, stats[0]
+
+    @torch.inference_mode()
+    def prefill_many(self, ids: list[int], kvs: list[SequenceKV], capture=None):
+        """One forward pass over the prompt, placed into several SequenceKVs (e.g. one per attention mode):
+        the fork that lets a benchmark decode the same prefill under every mode."""
         m, s = self.model, self.model.shape
         t0 = time.perf_counter()
         N = len(ids)
         h = m.embed[torch.tensor(ids, device=self.device)]
         cos, sin = m.rope(torch.arange(N, device=self.device))
-        kv.plan_prefill(N)
-        rows = kv.query_rows(N)
-        rows_dev = rows.to(self.device) if rows is not None else None
+        sampled = []  # per kv: (rows on host, rows on device, gathered queries) for a graph build, else None
+        for kv in kvs:
+            kv.plan_prefill(N)
+            rows = kv.query_rows(N)
+            sampled.append(None if rows is None else (
+                rows, rows.to(self.device),
+                torch.empty(len(rows), s.n_heads, s.head_dim, device=self.device, dtype=m.dtype)))
         futures = []
         attn = torch.empty(N, s.n_heads, s.head_dim, device=self.device, dtype=m.dtype)
         k_all = torch.empty(N, s.n_kv_heads, s.head_dim, device=self.device, dtype=m.dtype)
         v_all = torch.empty_like(k_all)
-        q_rows = (torch.empty(len(rows), s.n_heads, s.head_dim, device=self.device, dtype=m.dtype)
-                  if rows is not None else None)
         for l in range(s.n_layers):
             for a in range(0, N, self.chunk):
                 b = min(N, a + self.chunk)
@@ -78,27 +86,29 @@ class ModelRunner:
                 k_all[a:b], v_all[a:b] = k, v
                 if capture is not None:
                     capture(l, a, q, k)
-                if rows_dev is not None:
+                for rows, rows_dev, q_rows in filter(None, sampled):
                     lo, hi = torch.searchsorted(rows, torch.tensor([a, b])).tolist()
                     q_rows[lo:hi] = q[rows_dev[lo:hi] - a]
                 o = F.scaled_dot_product_attention(
                     q.transpose(0, 1)[None], k_all[:b].transpose(0, 1)[None], v_all[:b].transpose(0, 1)[None],
                     attn_mask=causal_lower_right(b - a, b), enable_gqa=True)
                 attn[a:b] = o[0].transpose(0, 1)
-            fut = kv.place_prefill(l, k_all, v_all, q_rows, self.pool)
-            if fut is not None:
-                futures.append(fut)
+            for kv, smp in zip(kvs, sampled):
+                fut = kv.place_prefill(l, k_all, v_all, smp[2] if smp else None, self.pool)
+                if fut is not None:
+                    futures.append(fut)
             m.finish_layer(l, h, attn)
         logits = m.logits(h[-1])
         t1 = time.perf_counter()
         for f in futures:
             f.result()
         t2 = time.perf_counter()
-        return logits, PrefillStats(N, t1 - t0, t2 - t1, kv.build_seconds(), kv.offloaded_tokens())
+        return logits, [PrefillStats(N, t1 - t0, t2 - t1, kv.build_seconds(), kv.offloaded_tokens()) for kv in kvs]
 
     @torch.inference_mode()
-    def decode(self, token: int, pos: int, kv: SequenceKV, top_k: int) -> torch.Tensor:
-        """One token at position `pos` through every layer -> logits (V,) float32."""
+    def decode(self, token: int, pos: int, kv: SequenceKV, top_k: int, capture=None) -> torch.Tensor:
+        """One token at position `pos` through every layer -> logits (V,) float32. `capture(l, o)`, if
+        given, sees each layer's attention output (benchmarks compare modes with it)."""
         m, s = self.model, self.model.shape
         self._tok.fill_(token)
         self._pos.fill_(pos)
@@ -109,5 +119,7 @@ class ModelRunner:
             q, k, v = m.qkv(l, h, cos, sin)
             kv.write(l, slot, k[0], v[0])
             o = kv.attend(l, q[0], top_k)
+            if capture is not None:
+                capture(l, o)
             m.finish_layer(l, h, o[None])
         return m.logits(h[0])

@@ -154,7 +154,18 @@ def main(argv=None):
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
+    e = sub.add_parser("eval", help="the fidelity benchmark (bench/accuracy.py; needs a source checkout)",
+                       add_help=False)
+    e.add_argument("rest", nargs=argparse.REMAINDER)
     ns = ap.parse_args(argv)
+    if ns.cmd == "eval":
+        root = Path(__file__).resolve().parent.parent
+        if not (root / "bench" / "accuracy.py").is_file():
+            raise SystemExit("rattn eval: bench/ is not here; run it from a source checkout")
+        sys.path.insert(0, str(root))
+        from bench.accuracy import main as accuracy_main
+
+        return accuracy_main(ns.rest)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         {"serve": cmd_serve, "generate": cmd_generate}[ns.cmd](ns)

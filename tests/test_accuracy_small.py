@@ -1,0 +1,24 @@
+"""A small deterministic version of the fidelity benchmark: same prefill, every configuration."""
+import pytest
+
+from bench.accuracy import MAX_NEW, configs, run_sample
+from bench.tasks import TASKS
+
+LENGTH = 2048
+
+
+@pytest.mark.parametrize("task", ["passkey", "niah_single_number"])
+def test_flat_all_equals_full_and_retrieval_answers_what_full_answers(engine, task):
+    runs = [r for r in configs(100, [], exact=True) if r.name in ("full", "flat@all", "retrieval")]
+    solved = 0
+    for seed in range(2):
+        sample = TASKS[task](engine.tokenizer, LENGTH, seed=seed)
+        ids = engine.encode_chat(sample.messages)
+        assert len(ids) > 128 + 512 + 600  # a real share of the prompt is offloaded
+        out = run_sample(engine, ids, runs, MAX_NEW[task])
+        assert out["flat@all"]["tokens"] == out["full"]["tokens"]
+        assert max(out["flat@all"]["rel_err"]) < 1e-4  # attention outputs match layer by layer
+        if sample.correct(out["full"]["text"]):
+            solved += 1
+            assert sample.correct(out["retrieval"]["text"]), (out["full"]["text"], out["retrieval"]["text"])
+    assert solved >= 1, "full attention solved no sample: the check would be empty"
