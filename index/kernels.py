@@ -78,9 +78,10 @@ def _flat_one(qv, Kg, n, k, sc, ids):
 
 @njit(nogil=True, cache=True)
 def _insert_sorted(cs, ci, cx, size, cap, score, key):
-    """Insert (score, key) into the descending list cs/ci/cx (cx: expanded flag); return new size."""
+    """Insert (score, key) into the descending list cs/ci/cx (cx: expanded flag).
+    Returns (new size, where it landed; cap if it did not)."""
     if size == cap and score <= cs[size - 1]:
-        return size
+        return size, cap
     pos = size if size < cap else cap - 1
     while pos > 0 and cs[pos - 1] < score:
         if pos < cap:
@@ -91,7 +92,7 @@ def _insert_sorted(cs, ci, cx, size, cap, score, key):
     cs[pos] = score
     ci[pos] = key
     cx[pos] = 0
-    return size + 1 if size < cap else size
+    return (size + 1 if size < cap else size), pos
 
 
 @njit(nogil=True, fastmath=True, cache=True)
@@ -108,14 +109,15 @@ def _beam_one(qv, Kg, n, adj, entries, ef, visited, stamp, cs, ci, cx):
             continue
         visited[u] = stamp
         scanned += 1
-        size = _insert_sorted(cs, ci, cx, size, ef, _dot(qv, Kg[u]), u)
-    pos = 0
+        size, _ = _insert_sorted(cs, ci, cx, size, ef, _dot(qv, Kg[u]), u)
+    pos = 0  # invariant: every candidate before pos is expanded
     while pos < size:
         if cx[pos]:
             pos += 1
             continue
         cx[pos] = 1
         u = ci[pos]
+        nxt = pos + 1
         for r in range(adj.shape[1]):
             v = adj[u, r]
             if v < 0 or v >= n or visited[v] == stamp:
@@ -124,9 +126,9 @@ def _beam_one(qv, Kg, n, adj, entries, ef, visited, stamp, cs, ci, cx):
             scanned += 1
             s = _dot(qv, Kg[v])
             if size < ef or s > cs[size - 1]:
-                size = _insert_sorted(cs, ci, cx, size, ef, s, v)
-        # restart from the best unexpanded candidate: insertions may have landed before pos
-        pos = 0
+                size, at = _insert_sorted(cs, ci, cx, size, ef, s, v)
+                nxt = min(nxt, at)  # a better candidate landed before the next unexpanded one
+        pos = nxt
     return size, scanned
 
 
