@@ -90,7 +90,7 @@ def evaluate(Q, K, kinds, budgets, k, sink, window, n_test, max_queries, knn_L, 
                        np.stack([exact_topk(qb[:, g * per:(g + 1) * per].reshape(-1, d), kt[g], knn_L)
                                  for g in range(G)]))
             store = OffloadedStore(kind, G, H, d, params, with_values=False, capacity=n)
-            store.build(Koff, None, knn)
+            store.load(Koff, None, knn)
             rows[(name, "build_s")] += time.perf_counter() - t
             rows[(name, "bytes")] += store.index_nbytes()
             for ef in budgets:

@@ -29,7 +29,7 @@ def _round_up(x: int, b: int) -> int:
 class SequenceKV:
     def __init__(self, shape: ModelShape, cfg: AttentionConfig, total_len: int, device: torch.device,
                  dtype: torch.dtype):
-        self.shape, self.cfg, self.device = shape, cfg, device
+        self.shape, self.cfg, self.device, self.total_len = shape, cfg, device, total_len
         L, G, H, d = shape.n_layers, shape.n_kv_heads, shape.n_heads, shape.head_dim
         B = cfg.evict_block
         if cfg.mode == "full":
@@ -101,17 +101,17 @@ class SequenceKV:
         self.v[l, :, self.S: self.S + win] = v[N - win:].transpose(0, 1)
         if self.stores is None or mid == 0:
             return None
+        store = self.stores[l]
         k_mid = k[sink: sink + mid].transpose(0, 1)  # (G, mid, d)
-        # own contiguous copies: the prefill buffers are reused by the next layer while this build runs
-        K = torch.empty(k_mid.shape, dtype=torch.float32)
-        V = torch.empty(k_mid.shape, dtype=torch.float32)
+        # straight into the store (room for every token this request may still evict), once
+        K, V = (torch.from_numpy(x) for x in store.reserve(mid, extra=self.total_len - N))
         K.copy_(k_mid)
         V.copy_(v[sink: sink + mid].transpose(0, 1))
         knn = None
         if q_rows is not None:
             k_dev = K if self.device.type == "cpu" else k_mid.float().contiguous()
             knn = self._prefill_knn(q_rows.float(), k_dev)
-        return pool.submit(self.stores[l].build, K.numpy(), V.numpy(), knn)
+        return pool.submit(store.build, mid, knn)
 
     def _prefill_knn(self, q: torch.Tensor, k_mid: torch.Tensor) -> np.ndarray:
         """Exact top-L offloaded keys of the sampled queries, on the compute device, per graph."""

@@ -45,5 +45,5 @@ def build_index(kind: str, keys: np.ndarray, queries: np.ndarray | None = None, 
         if queries is None or len(queries) == 0:
             raise ValueError("the graph index is built from prefill queries: pass queries (m, d)")
         knn = exact_topk(np.asarray(queries, np.float32), keys, p.knn)[None]
-    store.build(keys[None], None, knn)
+    store.load(keys[None], None, knn)
     return Index(store)

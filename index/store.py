@@ -111,15 +111,26 @@ class OffloadedStore:
         return self._stamp
 
     # ------------------------------------------------------------------ build and insert
-    def build(self, K: np.ndarray, V: np.ndarray | None, knn: np.ndarray | None):
-        """Fill from prefill: K/V (G, n, d); knn (A, m, L) exact top-L key ids of sampled prefill queries
-        (graph only; rows of -1 are ignored)."""
+    def reserve(self, n: int, extra: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+        """Room for n prefill keys, plus `extra` for keys inserted later (so decoding never regrows):
+        returns the (G, n, d) views of K and V to fill in place, so that prefill copies from the device
+        straight into the store. `build(n, ...)` indexes them."""
+        self._grow(n + extra)
+        self.n = 0
+        return self.K[:, :n], (self.V[:, :n] if self.V is not None else None)
+
+    def load(self, K: np.ndarray, V: np.ndarray | None, knn: np.ndarray | None):
+        """reserve + copy + build, for K/V (G, n, d) already in host memory."""
+        k_view, v_view = self.reserve(K.shape[1])
+        k_view[:] = K
+        if v_view is not None:
+            v_view[:] = V
+        self.build(K.shape[1], knn)
+
+    def build(self, n: int, knn: np.ndarray | None):
+        """Index the first n keys (filled through `reserve`). knn (A, m, L): exact top-L key ids of sampled
+        prefill queries (graph only; rows of -1 are ignored)."""
         t0 = time.perf_counter()
-        n = K.shape[1]
-        self._grow(n)
-        self.K[:, :n] = K
-        if self.V is not None:
-            self.V[:, :n] = V
         self.n = n
         if self.kind == "graph":
             if knn is None:
@@ -226,6 +237,8 @@ class OffloadedStore:
 
 
 def _resized(a: np.ndarray, cap: int, fill) -> np.ndarray:
-    out = np.full(a.shape[:1] + (cap,) + a.shape[2:], fill, a.dtype)
+    shape = a.shape[:1] + (cap,) + a.shape[2:]
+    # zeros come from calloc: pages not yet written cost no resident memory
+    out = np.zeros(shape, a.dtype) if fill == 0 else np.full(shape, fill, a.dtype)
     out[:, : a.shape[1]] = a
     return out

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -82,7 +82,8 @@ class Generation:
         base = uuid.uuid4().hex[:12]
         try:
             for i, (p, j) in enumerate((p, j) for p in prompts for j in range(n)):
-                sp = sampling if sampling.seed is None or j == 0 else _with_seed(sampling, sampling.seed + j)
+                # choice j of a seeded request gets seed + j: n samples, each reproducible
+                sp = sampling if sampling.seed is None or j == 0 else replace(sampling, seed=sampling.seed + j)
                 req = EngineRequest(p, sp, attention, f"{base}-{i}")
                 self.engine.submit(req, lambda o, i=i: self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, o)))
                 self.ids.append(req.request_id)
@@ -130,12 +131,6 @@ class Generation:
                 self.abort()
                 m.success.labels(finished_reason="abort").inc(self.pending)
                 self.pending = 0
-
-
-def _with_seed(sp: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(sp, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -344,9 +339,8 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name}
         total = len(prompts) * req.n
-        prompt_tokens = sum(len(p) for p in prompts)
         if req.stream:
-            return EventSourceResponse(_stream_completion(gen, head, req, engine, prompt_tokens), ping=15)
+            return EventSourceResponse(_stream_completion(gen, head, req, engine), ping=15)
         texts, reasons = [""] * total, [None] * total
         lps = [_empty_completion_logprobs() for _ in range(total)]
         async for i, out in gen.outputs(request):
@@ -358,9 +352,9 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
             return Response(status_code=499)
         choices = [{"index": i, "text": texts[i], "logprobs": lps[i] if req.logprobs is not None else None,
                     "finish_reason": reasons[i]} for i in range(total)]
-        return {**head, "choices": choices, "usage": _usage(prompt_tokens, gen.completion_tokens)}
+        return {**head, "choices": choices, "usage": _usage(gen.prompt_tokens, gen.completion_tokens)}
 
-    def _stream_completion(gen: Generation, head: dict, req, engine: Engine, prompt_tokens: int):
+    def _stream_completion(gen: Generation, head: dict, req, engine: Engine):
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         offsets: dict[int, int] = {}
 
@@ -380,7 +374,7 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
                 if out.text or lp or out.finish_reason:
                     yield chunk([{"index": i, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}])
 
-        return _sse(events(), gen, chunk, prompt_tokens if include_usage else None)
+        return _sse(events(), gen, chunk, gen.prompt_tokens if include_usage else None)
 
     return app
 
