@@ -27,18 +27,11 @@ MODEL = "smollm2-135m-instruct"
 
 
 def direct(engine: Engine, ids: list[int], n: int) -> tuple[float, float]:
-    import queue
-
-    q: queue.Queue = queue.Queue()
     t0 = time.perf_counter()
-    engine.submit(Request(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)), q.put)
     first = None
-    while True:
-        o = q.get()
+    for _ in engine.stream(Request(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))):
         first = first or time.perf_counter()
-        if o.finish_reason:
-            end = time.perf_counter()
-            return first - t0, (n - 1) / (end - first)
+    return first - t0, (n - 1) / (time.perf_counter() - first)
 
 
 def http(client: openai.OpenAI, messages: list[dict], n: int) -> tuple[float, float]:

@@ -59,6 +59,8 @@ class SequenceKV:
         self.o_dev = torch.empty(H, d, dtype=torch.float32, device=device)
         self.ms_dev = torch.empty(2, H, dtype=torch.float32, device=device)
         self.q_ready = torch.cuda.Event() if pin else None
+        # numpy views of the host buffers, made once: the per-layer call then creates no objects
+        self._q_np, self._o_np, self._ms_np = self.q_host.numpy(), self.o_host.numpy(), self.ms_host.numpy()
         self.evict_k = torch.empty(L, G, B, d, dtype=torch.float32, pin_memory=pin) if kind else None
         self.evict_v = torch.empty_like(self.evict_k) if kind else None
         self.split = (0, 0, 0)
@@ -162,20 +164,20 @@ class SequenceKV:
             o = F.scaled_dot_product_attention(q.view(1, G, -1, d), self.k[None, l, :, :hi], self.v[None, l, :, :hi])
             return o.view(-1, d)
         store = self.stores[l] if self.stores is not None else None
+        on_cpu = store is not None and store.n > 0
         qf = q.float()
-        if store is None or store.n == 0:
-            o, _, _ = partial_attention(qf, self.k[l, :, :hi], self.v[l, :, :hi], self.bias[:hi], self.scale)
-            return o.to(q.dtype)
-        self.q_host.copy_(qf, non_blocking=True)
-        if self.q_ready is not None:
-            self.q_ready.record()
+        if on_cpu:
+            self.q_host.copy_(qf, non_blocking=True)
+            if self.q_ready is not None:
+                self.q_ready.record()
         # queued on the device; on CUDA it runs while the CPU searches below
         o_w, m_w, s_w = partial_attention(qf, self.k[l, :, :hi], self.v[l, :, :hi], self.bias[:hi], self.scale)
+        if not on_cpu:
+            return o_w.to(q.dtype)
         if self.q_ready is not None:
             self.q_ready.synchronize()
-        ms = self.ms_host.numpy()
         t = time.perf_counter()
-        store.attend(self.q_host.numpy(), top_k, self.scale, self.o_host.numpy(), ms[0], ms[1])
+        store.attend(self._q_np, top_k, self.scale, self._o_np, self._ms_np[0], self._ms_np[1])
         self._retrieval_s += time.perf_counter() - t
         self._retrieval_calls += 1
         self.o_dev.copy_(self.o_host, non_blocking=True)

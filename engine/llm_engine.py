@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 
@@ -113,19 +113,18 @@ class Engine:
         if seq is not None:
             seq.aborted.set()
 
+    def stream(self, request: Request) -> Iterator[StepOutput]:
+        """Blocking iterator over one request's outputs, for the CLI, benchmarks and tests."""
+        q: queue.Queue[StepOutput] = queue.Queue()
+        self.submit(request, q.put)
+        while True:
+            out = q.get()
+            yield out
+            if out.finish_reason is not None:
+                return
+
     def generate(self, request: Request) -> list[StepOutput]:
-        """Blocking helper for the CLI, benchmarks and tests."""
-        outs: list[StepOutput] = []
-        done = threading.Event()
-
-        def on(o: StepOutput):
-            outs.append(o)
-            if o.finish_reason is not None:
-                done.set()
-
-        self.submit(request, on)
-        done.wait()
-        return outs
+        return list(self.stream(request))
 
     @property
     def num_waiting(self) -> int:

@@ -113,7 +113,7 @@ def cmd_generate(ns):
     sp = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, seed=ns.seed)
     t = time.perf_counter()
     first = None
-    for out in _stream(eng, Request(ids, sp)):
+    for out in eng.stream(Request(ids, sp)):
         first = first or time.perf_counter()
         sys.stdout.write(out.text)
         sys.stdout.flush()
@@ -125,18 +125,6 @@ def cmd_generate(ns):
                   f"{first - t:.2f}s, {max(n - 1, 0) / max(time.perf_counter() - first, 1e-9):.2f} tok/s",
                   file=sys.stderr)
     eng.shutdown()
-
-
-def _stream(eng, request):
-    import queue
-
-    q: queue.Queue = queue.Queue()
-    eng.submit(request, q.put)
-    while True:
-        out = q.get()
-        yield out
-        if out.finish_reason:
-            return
 
 
 def main(argv=None):
