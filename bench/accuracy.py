@@ -1,12 +1,17 @@
 """Fidelity: RULER-style tasks, every attention mode side by side on the same prefill.
 
 Each sample is prefilled once into one SequenceKV per configuration (the engine's fork), then
-decoded greedily under each. Per cell: accuracy. Per configuration: mean relative error of the
-attention outputs against `full` (every layer, at the decode steps whose token prefix still equals
-full's), decode tokens/s.
+decoded greedily under each until its answer is complete (or the task's token budget is spent: the
+same rule for every configuration, so accuracy is what a longer decode would give). Per cell:
+accuracy. Per configuration: mean relative error of the attention outputs against `full` (every
+layer, at the decode steps whose token prefix still equals full's), decode tokens/s.
 
-    python bench/accuracy.py --lengths 1024,2048,4096,8192 --samples 12     # the full run (hours on 2 cores)
-    rattn eval --lengths 1024,2048 --samples 3                               # the same, through the CLI
+Every sample is appended to a JSONL file as it finishes; a run resumes from it, and runs over
+different lengths add to one report. `--http CONFIG` also sends the samples of `--http-lengths`
+through a live `rattn serve` with that configuration, to show the server answers as the engine does.
+
+    python bench/accuracy.py --lengths 1024,2048,4096,8192 --samples 12 --http retrieval
+    rattn eval --lengths 1024,2048 --samples 3        # the same, through the CLI
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from engine.llm_engine import Engine, EngineConfig  # noqa: E402
 # the chat model restates the question before answering: budgets measured on its full-attention answers
 MAX_NEW = {"passkey": 12, "niah_single_number": 24, "niah_single_word": 24, "niah_single_uuid": 44,
            "niah_multikey": 24, "niah_multivalue": 56, "variable_tracking": 40}
+MODEL = "smollm2-135m-instruct"
 
 
 @dataclass
@@ -48,8 +54,9 @@ def configs(top_k: int, sweep: list[int], exact: bool) -> list[Run]:
     return runs
 
 
-def run_sample(engine: Engine, ids: list[int], runs: list[Run], max_new: int) -> dict:
-    """-> {run name: {"text", "tokens", "decode_s", "rel_err" (list)}}; full must be runs[0]."""
+def run_sample(engine: Engine, ids: list[int], runs: list[Run], max_new: int, done=None) -> dict:
+    """-> {run name: {"text", "tokens", "decode_s", "rel_err" (list)}}; full must be runs[0].
+    `done(text)`, if given, ends a configuration's decode early once its answer is complete."""
     kvs = [SequenceKV(engine.shape, r.att, len(ids) + max_new, engine.device, engine.model.dtype) for r in runs]
     logits0, _ = engine.runner.prefill_many(ids, kvs)
     eos = engine.eos_ids
@@ -60,7 +67,7 @@ def run_sample(engine: Engine, ids: list[int], runs: list[Run], max_new: int) ->
         for i in range(max_new):
             tok = int(torch.argmax(logits))
             tokens.append(tok)
-            if tok in eos or i == max_new - 1:
+            if tok in eos or i == max_new - 1 or (done and done(engine.tokenizer.decode(tokens, skip_special_tokens=True))):
                 break
             same_prefix = r.name != "full" and tokens == full_tokens[: len(tokens)] and i < len(full_attn)
             step = []
@@ -80,48 +87,105 @@ def run_sample(engine: Engine, ids: list[int], runs: list[Run], max_new: int) ->
     return out
 
 
-def evaluate(engine: Engine, tasks: list[str], lengths: list[int], samples: int, runs: list[Run], log=print) -> dict:
-    cells = defaultdict(lambda: [0, 0])  # (task, length, run) -> [correct, total]
-    errs, decode = defaultdict(list), defaultdict(lambda: [0.0, 0])
-    records = []
+def evaluate(engine: Engine, tasks: list[str], lengths: list[int], samples: int, runs: list[Run],
+             records_path: Path | None = None, shard: tuple[int, int] = (0, 1), log=print) -> list[dict]:
+    """Runs every (length, task, seed) not already in `records_path`, appending each record there;
+    `shard` (i, n) takes the seeds s with s % n == i, so that n processes can share one run."""
+    records = load_records(records_path) if records_path else []
+    have = {(r["task"], r["length"], r["seed"]) for r in records}
     for length in lengths:
-        for task in tasks:
-            for s in range(samples):
+        for s in range(samples):  # seed-major: a run stopped early leaves every task with the same count
+            for task in tasks:
+                if (task, length, s) in have or s % shard[1] != shard[0]:
+                    continue
                 sample = TASKS[task](engine.tokenizer, length, seed=10_000 * length + s)
                 ids = engine.encode_chat(sample.messages)
-                res = run_sample(engine, ids, runs, MAX_NEW[task])
+                res = run_sample(engine, ids, runs, MAX_NEW[task], done=sample.correct)
                 rec = {"task": task, "length": length, "seed": s, "prompt_tokens": len(ids),
-                       "answers": sample.answers, "outputs": {}}
-                for name, r in res.items():
-                    ok = sample.correct(r["text"])
-                    cells[(task, length, name)][0] += ok
-                    cells[(task, length, name)][1] += 1
-                    errs[name] += r["rel_err"]
-                    decode[name][0] += r["decode_s"]
-                    decode[name][1] += max(len(r["tokens"]) - 1, 0)
-                    rec["outputs"][name] = {"text": r["text"], "correct": ok}
+                       "answers": sample.answers,
+                       "outputs": {name: {"text": r["text"], "correct": sample.correct(r["text"]),
+                                          "tokens": len(r["tokens"]), "decode_s": round(r["decode_s"], 4),
+                                          "rel_err_sum": sum(r["rel_err"]), "rel_err_n": len(r["rel_err"])}
+                                   for name, r in res.items()}}
                 records.append(rec)
+                if records_path:
+                    with records_path.open("a") as f:
+                        f.write(json.dumps(rec) + "\n")
                 log(json.dumps({"task": task, "length": length, "seed": s, "tokens": len(ids),
-                                **{n: o["correct"] for n, o in rec["outputs"].items()}}))
-    names = [r.name for r in runs]
+                                **{n: o["correct"] for n, o in rec["outputs"].items()}}), flush=True)
+    return [r for r in records if r["task"] in tasks and r["length"] in lengths and r["seed"] < samples]
+
+
+def load_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def summarize(records: list[dict], names: list[str]) -> dict:
+    cells = defaultdict(lambda: [0, 0])  # (task, length, run) -> [correct, total]
+    err, dec = defaultdict(lambda: [0.0, 0]), defaultdict(lambda: [0.0, 0])
+    for rec in records:
+        for n in names:
+            o = rec["outputs"][n]
+            c = cells[(rec["task"], rec["length"], n)]
+            c[0] += o["correct"]
+            c[1] += 1
+            err[n][0] += o["rel_err_sum"]
+            err[n][1] += o["rel_err_n"]
+            dec[n][0] += o["decode_s"]
+            dec[n][1] += max(o["tokens"] - 1, 0)  # the first token comes from the prefill
     table = [{"task": t, "length": L, "run": n, "correct": c[0], "total": c[1], "accuracy": round(100 * c[0] / c[1], 1)}
-             for (t, L, n), c in cells.items()]
-    per_run = {n: {"mean_rel_err_attention": (round(sum(errs[n]) / len(errs[n]), 5) if errs[n] else None),
-                   "decode_tokens_per_s": round(decode[n][1] / decode[n][0], 2) if decode[n][0] else None}
+             for (t, L, n), c in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0], names.index(kv[0][2])))]
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    lengths = sorted({r["length"] for r in records})
+    avg = [{"length": L, "run": n, "accuracy": round(sum(c["accuracy"] for c in table if c["length"] == L
+                                                          and c["run"] == n) / len(tasks), 1)}
+           for L in lengths for n in names]
+    per_run = {n: {"mean_rel_err_attention": round(err[n][0] / err[n][1], 5) if err[n][1] else None,
+                   "decode_tokens_per_s": round(dec[n][1] / dec[n][0], 2) if dec[n][0] else None}
                for n in names}
-    avg = {(L, n): round(sum(r["accuracy"] for r in table if r["length"] == L and r["run"] == n) / len(tasks), 1)
-           for L in lengths for n in names}
-    return {"cells": table, "per_run": per_run,
-            "average_by_length": [{"length": L, "run": n, "accuracy": a} for (L, n), a in avg.items()],
-            "samples": records}
+    samples = defaultdict(int)
+    for r in records:
+        samples[(r["task"], r["length"])] += 1
+    return {"tasks": tasks, "lengths": lengths, "samples_per_cell": min(samples.values()),
+            "samples_per_cell_by_length": {L: min(c for (_, l2), c in samples.items() if l2 == L) for L in lengths},
+            "cells": table, "average_by_length": avg, "per_run": per_run}
+
+
+def http_check(records: list[dict], run: Run, lengths: list[int], tokenizer, log=print) -> dict:
+    """Sends each sample (same messages, greedy, as many tokens as the engine path decoded) through a live
+    server under `run`'s attention settings and compares the text with the engine path's."""
+    import openai
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from server_util import live_server
+
+    att = {"mode": run.att.mode, "top_k": run.att.top_k, "sink": run.att.sink, "window": run.att.window}
+    same = agree = n = 0
+    with live_server() as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
+        for rec in records:
+            if rec["length"] not in lengths:
+                continue
+            sample = TASKS[rec["task"]](tokenizer, rec["length"], seed=10_000 * rec["length"] + rec["seed"])
+            o = rec["outputs"][run.name]
+            text = client.chat.completions.create(
+                model=MODEL, messages=sample.messages, max_tokens=o["tokens"], temperature=0,
+                extra_body={"attention": att}).choices[0].message.content
+            n += 1
+            same += text == o["text"]
+            agree += sample.correct(text) == o["correct"]
+            if text != o["text"]:
+                log(json.dumps({"http_differs": rec["task"], "length": rec["length"], "seed": rec["seed"],
+                                "engine": o["text"], "http": text}))
+    return {"run": run.name, "lengths": lengths, "samples": n, "identical_text": same, "same_correctness": agree}
 
 
 def markdown(report: dict) -> str:
     names = list(report["per_run"])
     lines = ["# Accuracy: RULER-style tasks, every attention mode on the same prefill", "",
-             f"Command: `{report['command']}`  ", f"Model: {report['model']}, {report['samples_per_cell']} samples "
-             f"per cell, top_k {report['top_k']}, sink 128, window 512, greedy. Machine: {report['machine']}; "
-             f"wall time {report['wall_s']:.0f} s.", "",
+             "Commands: " + "; ".join(f"`{c}`" for c in report["commands"]) + "  ",
+             f"Model: {report['model']}, at least {report['samples_per_cell']} samples per cell, top_k {report['top_k']}, "
+             f"sink 128, window 512, greedy. Machine: {report['machine']}; {report['wall_s']:.0f} s of wall time, summed over the processes that shared the run.", "",
              "| task | length | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     acc = {(c["task"], c["length"], c["run"]): c["accuracy"] for c in report["cells"]}
     for task in report["tasks"]:
@@ -130,9 +194,16 @@ def markdown(report: dict) -> str:
     avg = {(a["length"], a["run"]): a["accuracy"] for a in report["average_by_length"]}
     for L in report["lengths"]:
         lines.append(f"| **average** | {L} | " + " | ".join(f"**{avg[(L, n)]:.1f}**" for n in names) + " |")
+    by_len = ", ".join(f"{L}: {c}" for L, c in report["samples_per_cell_by_length"].items())
+    lines += ["", f"Samples per cell by length: {by_len}."]
     lines += ["", "| run | mean relative error of attention outputs vs full | decode tokens/s |", "|---|---|---|"]
     for n, r in report["per_run"].items():
         lines.append(f"| {n} | {r['mean_rel_err_attention']} | {r['decode_tokens_per_s']} |")
+    if report.get("http"):
+        h = report["http"]
+        lines += ["", f"Through the HTTP API (`rattn serve`, openai SDK), `{h['run']}` at lengths {h['lengths']}: "
+                      f"{h['identical_text']}/{h['samples']} answers identical to the engine path's, "
+                      f"{h['same_correctness']}/{h['samples']} with the same correctness."]
     return "\n".join(lines) + "\n"
 
 
@@ -145,24 +216,55 @@ def main(argv=None):
     ap.add_argument("--sweep", default="32,300")
     ap.add_argument("--exact", action=argparse.BooleanOptionalAction, default=False,
                     help="also run flat with top_k = all (must equal full)")
+    ap.add_argument("--http", default="", help="a configuration (e.g. retrieval) to check through a live server")
+    ap.add_argument("--http-lengths", default="1024")
+    ap.add_argument("--records", default="bench/results/accuracy_samples.jsonl",
+                    help="per-sample JSONL: resumed from, appended to; the report covers every record in it")
+    ap.add_argument("--shard", default="0/1", help="i/n: this process takes seeds s with s %% n == i")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch, numba and hnswlib threads (0: all cores); decode is latency-bound, so two "
+                         "one-thread shards finish sooner than one two-thread run on 2 cores")
     ap.add_argument("--out", default="bench/results/accuracy.json")
     ap.add_argument("--md", default="docs/accuracy.md")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
+    if a.threads:
+        import numba
+
+        torch.set_num_threads(a.threads)
+        numba.set_num_threads(a.threads)
     engine = Engine(EngineConfig(device="cpu"))
     tasks, lengths = a.tasks.split(","), [int(x) for x in a.lengths.split(",")]
     runs = configs(a.top_k, [int(x) for x in a.sweep.split(",") if x], a.exact)
-    result = evaluate(engine, tasks, lengths, a.samples, runs)
-    report = {"bench": "accuracy", "model": "smollm2-135m-instruct", "tasks": tasks, "lengths": lengths,
-              "samples_per_cell": a.samples, "top_k": a.top_k, "machine": f"CPU, {os.cpu_count()} cores",
-              "command": "python bench/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "wall_s": time.perf_counter() - t0, **result}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(report, indent=1))
+    for r in runs:
+        r.att = r.att.override(threads=a.threads)
+    records_path = Path(a.records)
+    records_path.parent.mkdir(parents=True, exist_ok=True)
+    shard = tuple(int(x) for x in a.shard.split("/"))
+    evaluate(engine, tasks, lengths, a.samples, runs, records_path, shard)
+    out = Path(a.out)
+    prev = json.loads(out.read_text()) if out.is_file() else {}
+    command = "python bench/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    same_file = prev.get("records") == a.records
+    report = {"bench": "accuracy", "model": MODEL, "top_k": a.top_k, "machine": f"CPU, {os.cpu_count()} cores",
+              "records": a.records,
+              "commands": (prev.get("commands", []) if same_file else []) + [command],
+              "wall_s": (prev.get("wall_s", 0) if same_file else 0) + time.perf_counter() - t0,
+              "http": prev.get("http") if same_file else None,
+              **summarize(load_records(records_path), [r.name for r in runs])}
+    if a.http:
+        run = next(r for r in runs if r.name == a.http)
+        http_lengths = [int(x) for x in a.http_lengths.split(",")]
+        engine.shutdown()  # the server loads its own copy
+        report["http"] = http_check(load_records(records_path), run, http_lengths, engine.tokenizer)
+        report["wall_s"] = (prev.get("wall_s", 0) if same_file else 0) + time.perf_counter() - t0
+    else:
+        engine.shutdown()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
     Path(a.md).parent.mkdir(parents=True, exist_ok=True)
     Path(a.md).write_text(markdown(report))
     print(markdown(report))
-    engine.shutdown()
 
 
 if __name__ == "__main__":

@@ -29,19 +29,25 @@ from engine.llm_engine import Engine, EngineConfig  # noqa: E402
 from index import IndexParams, OffloadedStore, exact_topk  # noqa: E402
 
 
-def corpus_text() -> str:
-    """Varied real text that ships with Python: the source of a few standard-library modules."""
-    import argparse as m1
-    import email.message as m5
-    import json.decoder as m3
-    import logging as m2
-    import textwrap as m4
-
-    return "\n\n".join(inspect.getsource(m) for m in (m1, m2, m3, m4, m5))
+CORPUS = ("argparse", "logging", "json.decoder", "textwrap", "email.message", "subprocess", "typing", "inspect",
+          "dataclasses", "pathlib", "tarfile", "zipfile", "http.client", "urllib.request", "asyncio.tasks",
+          "unittest.case", "pdb", "difflib", "enum", "functools", "collections", "threading", "shutil", "tempfile")
 
 
-def dump(engine: Engine, n_tokens: int):
-    ids = engine.tokenizer.encode(corpus_text())[:n_tokens]
+def corpus_ids(tokenizer, n_tokens: int, part: int = 0) -> list[int]:
+    """Varied real text that ships with Python (standard-library sources): the part-th n_tokens window
+    of their concatenation, so that pooled inputs are different texts."""
+    import importlib
+
+    text = "\n\n".join(inspect.getsource(importlib.import_module(m)) for m in CORPUS)
+    ids = tokenizer.encode(text)
+    if (part + 1) * n_tokens > len(ids):
+        raise ValueError(f"the corpus has {len(ids)} tokens: not enough for part {part} of {n_tokens}")
+    return ids[part * n_tokens:(part + 1) * n_tokens]
+
+
+def dump(engine: Engine, n_tokens: int, part: int = 0):
+    ids = corpus_ids(engine.tokenizer, n_tokens, part)
     s = engine.shape
     Q = np.zeros((s.n_layers, len(ids), s.n_heads, s.head_dim), np.float32)
     K = np.zeros((s.n_layers, len(ids), s.n_kv_heads, s.head_dim), np.float32)
@@ -56,11 +62,12 @@ def dump(engine: Engine, n_tokens: int):
     return Q, K, time.perf_counter() - t
 
 
-def evaluate(Q, K, kinds, budgets, k, sink, window, n_test, max_queries, knn_L, scale):
+def evaluate(Q, K_off, kinds, budgets, k, n_test, max_queries, knn_L, scale):
+    """Q (L, N, H, d): one input's queries; K_off (L, n, G, d): the offloaded keys searched (that input's,
+    or several inputs' pooled)."""
     L, N, H, d = Q.shape
-    G = K.shape[2]
+    G = K_off.shape[2]
     per = H // G
-    lo, hi = sink, N - window  # the offloaded keys
     test = np.arange(N - n_test, N)
     build_pos = np.unique(np.linspace(0, N - n_test - 1, max_queries).astype(np.int64))
     rows = {}
@@ -70,7 +77,7 @@ def evaluate(Q, K, kinds, budgets, k, sink, window, n_test, max_queries, knn_L, 
         rows[(name, "build_s")] = 0.0
         rows[(name, "bytes")] = 0
     for l in range(L):
-        Koff = np.ascontiguousarray(K[l, lo:hi].transpose(1, 0, 2))  # (G, n, d)
+        Koff = np.ascontiguousarray(K_off[l].transpose(1, 0, 2))  # (G, n, d)
         n = Koff.shape[1]
         qt = Q[l, test]  # (T, H, d)
         # exact answers per head
@@ -129,7 +136,7 @@ def evaluate(Q, K, kinds, budgets, k, sink, window, n_test, max_queries, knn_L, 
     return out
 
 
-def plot(results, path):
+def plot(results, path, title):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,7 +154,7 @@ def plot(results, path):
         a.set_ylabel("attention-mass recall (median)")
         a.grid(alpha=0.3)
         a.legend()
-    fig.suptitle("Index quality on real SmolLM2-135M queries (all layers and heads)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -159,23 +166,34 @@ def main(argv=None):
     ap.add_argument("--budgets", default="100,200,400,800")
     ap.add_argument("--test-queries", type=int, default=32)
     ap.add_argument("--max-queries", type=int, default=256)
-    ap.add_argument("--knn", type=int, default=16)
+    ap.add_argument("--knn", type=int, default=IndexParams().knn)
+    ap.add_argument("--pool", type=int, default=1,
+                    help="pool the offloaded keys of this many different inputs per layer and head "
+                         "(queries from the first): larger stores from a short-context model")
+    ap.add_argument("--layers", default="", help="comma-separated layer subset (default: all)")
     ap.add_argument("--kinds", default="flat,hnsw,graph-kv,graph-query")
     ap.add_argument("--out", default="bench/results/index_recall.json")
     ap.add_argument("--png", default="bench/results/index_recall.png")
     a = ap.parse_args(argv)
     numba.set_num_threads(1)  # per-search figures are for one core
     engine = Engine(EngineConfig(device="cpu"))
-    Q, K, prefill_s = dump(engine, a.tokens)
     cfg = AttentionConfig()
+    Q, K, prefill_s = dump(engine, a.tokens)
+    layers = [int(x) for x in a.layers.split(",")] if a.layers else list(range(Q.shape[0]))
+    Q = np.ascontiguousarray(Q[layers])
+    parts = [K[layers, cfg.sink:-cfg.window]]
+    for i in range(1, a.pool):
+        parts.append(dump(engine, a.tokens, i)[1][layers, cfg.sink:-cfg.window])
+    K_off = np.concatenate(parts, axis=1)
+    del K, parts
     table = {"flat": ("flat", "flat", "kv"), "hnsw": ("hnsw", "hnsw", "kv"),
              "graph-kv": ("graph-kv", "graph", "kv"), "graph-query": ("graph-query", "graph", "query")}
     kinds = [table[x] for x in a.kinds.split(",")]
     budgets = [int(x) for x in a.budgets.split(",")]
-    results = evaluate(Q, K, kinds, budgets, a.k, cfg.sink, cfg.window, a.test_queries, a.max_queries, a.knn,
+    results = evaluate(Q, K_off, kinds, budgets, a.k, a.test_queries, a.max_queries, a.knn,
                        engine.shape.head_dim ** -0.5)
     report = {"bench": "index_recall", "model": "smollm2-135m-instruct", "tokens": int(Q.shape[1]),
-              "offloaded_keys": int(Q.shape[1] - cfg.sink - cfg.window), "layers": int(Q.shape[0]),
+              "pooled_inputs": a.pool, "offloaded_keys": int(K_off.shape[1]), "layers": layers,
               "heads": int(Q.shape[2]), "prefill_s_2cores": round(prefill_s, 2), "k": a.k,
               "max_queries_per_head": a.max_queries, "knn": a.knn,
               "command": "python bench/index_recall.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -183,7 +201,8 @@ def main(argv=None):
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=1))
     if a.png:
-        plot(results, a.png)
+        plot(results, a.png, f"Index quality on real SmolLM2-135M queries: {K_off.shape[1]} offloaded keys"
+             f"{f' pooled from {a.pool} inputs' if a.pool > 1 else ''}, {len(layers)} layers, all heads")
     print("wrote", a.out, a.png)
     engine.shutdown()
 
