@@ -24,6 +24,9 @@ ENGINE_FLAGS = {
     "sink": (int, 128, "first tokens kept on the device"),
     "window": (int, 512, "last tokens kept on the device"),
     "ef": (int, 128, "index search list size"),
+    "graph_degree": (int, 24, "graph index: edges per key (memory: 4 bytes each per key and KV head)"),
+    "graph_knn": (int, 32, "graph index: exact top keys of each prefill query that shape the graph"),
+    "graph_queries": (int, 256, "graph index: prefill queries sampled per head to build it"),
     "max_model_len": (int, None, "context limit (default: the model's)"),
     "cpu_threads": (int, 0, "CPU threads of the retrieval step (0: all cores)"),
 }
@@ -82,8 +85,9 @@ def resolve_args(ns: argparse.Namespace, flags: dict) -> dict:
 def engine_config(a: dict):
     from engine.llm_engine import EngineConfig
 
-    att = AttentionConfig(mode=a["attention"], top_k=a["retrieve_k"], sink=a["sink"], window=a["window"])
-    att = att.override(ef=a["ef"])
+    att = AttentionConfig(mode=a["attention"], top_k=a["retrieve_k"], sink=a["sink"], window=a["window"],
+                          max_queries=a["graph_queries"])
+    att = att.override(ef=a["ef"], degree=a["graph_degree"], knn=a["graph_knn"])
     return EngineConfig(model=a["model"], load_format=a["load_format"], device=a["device"], dtype=a["dtype"],
                         attention=att, max_model_len=a["max_model_len"], max_queue=a.get("max_queue", 64),
                         cpu_threads=a["cpu_threads"])

@@ -30,6 +30,10 @@ class AttentionOverride(_Lenient):
     sink: int | None = Field(None, ge=0, le=1_000_000)
     window: int | None = Field(None, ge=1, le=1_000_000)
     ef: int | None = Field(None, ge=1, le=100_000)  # index search list size
+    # graph index build (the request's own index is built after its prefill)
+    degree: int | None = Field(None, ge=3, le=256)
+    knn: int | None = Field(None, ge=2, le=1024)
+    max_queries: int | None = Field(None, ge=1, le=100_000)
 
 
 class StreamOptions(_Lenient):

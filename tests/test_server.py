@@ -104,12 +104,17 @@ def test_attention_extension_per_request(client):
         r = chat(client, max_tokens=6, temperature=0, extra_body={"attention": {"mode": mode, "top_k": 8, "sink": 4,
                                                                                "window": 8}})
         assert r.choices[0].message.content
+    # the graph's build parameters are per request too (this prompt is short: a tiny window offloads most)
+    r = chat(client, max_tokens=6, temperature=0, extra_body={"attention": {
+        "mode": "retrieval", "sink": 4, "window": 8, "degree": 8, "knn": 4, "max_queries": 16}})
+    assert r.choices[0].message.content
 
 
 @pytest.mark.parametrize("kw,param", [
     (dict(temperature=5), "temperature"), (dict(top_p=0), "top_p"), (dict(n=0), "n"),
     (dict(stop=["a", "b", "c", "d", "e"]), "stop"), (dict(max_tokens=0), "max_tokens"),
     (dict(extra_body={"attention": {"mode": "magic"}}), "attention"),
+    (dict(extra_body={"attention": {"degree": 2}}), "attention"),
     (dict(logit_bias={"1": 5}), None), (dict(top_logprobs=3), None),
 ])
 def test_bad_values_are_400(client, kw, param):
