@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.tasks import TASKS  # noqa: E402
@@ -67,7 +68,9 @@ def run_sample(engine: Engine, ids: list[int], runs: list[Run], max_new: int, do
         for i in range(max_new):
             tok = int(torch.argmax(logits))
             tokens.append(tok)
-            if tok in eos or i == max_new - 1 or (done and done(engine.tokenizer.decode(tokens, skip_special_tokens=True))):
+            if tok in eos or i == max_new - 1:
+                break
+            if done and done(engine.tokenizer.decode(tokens, skip_special_tokens=True)):
                 break
             same_prefix = r.name != "full" and tokens == full_tokens[: len(tokens)] and i < len(full_attn)
             step = []
@@ -122,7 +125,7 @@ def load_records(path: Path) -> list[dict]:
 
 def summarize(records: list[dict], names: list[str]) -> dict:
     cells = defaultdict(lambda: [0, 0])  # (task, length, run) -> [correct, total]
-    err, dec = defaultdict(lambda: [0.0, 0]), defaultdict(lambda: [0.0, 0])
+    err, dec = defaultdict(lambda: [0.0, 0]), defaultdict(list)
     for rec in records:
         for n in names:
             o = rec["outputs"][n]
@@ -131,8 +134,8 @@ def summarize(records: list[dict], names: list[str]) -> dict:
             c[1] += 1
             err[n][0] += o["rel_err_sum"]
             err[n][1] += o["rel_err_n"]
-            dec[n][0] += o["decode_s"]
-            dec[n][1] += max(o["tokens"] - 1, 0)  # the first token comes from the prefill
+            if o["tokens"] > 1:  # the first token comes from the prefill
+                dec[n].append((o["tokens"] - 1) / o["decode_s"])
     table = [{"task": t, "length": L, "run": n, "correct": c[0], "total": c[1], "accuracy": round(100 * c[0] / c[1], 1)}
              for (t, L, n), c in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0], names.index(kv[0][2])))]
     tasks = list(dict.fromkeys(r["task"] for r in records))
@@ -141,7 +144,8 @@ def summarize(records: list[dict], names: list[str]) -> dict:
                                                           and c["run"] == n) / len(tasks), 1)}
            for L in lengths for n in names]
     per_run = {n: {"mean_rel_err_attention": round(err[n][0] / err[n][1], 5) if err[n][1] else None,
-                   "decode_tokens_per_s": round(dec[n][1] / dec[n][0], 2) if dec[n][0] else None}
+                   # median over samples: robust to a sample slowed by other work on the machine
+                   "decode_tokens_per_s_median": round(float(np.median(dec[n])), 2) if dec[n] else None}
                for n in names}
     samples = defaultdict(int)
     for r in records:
@@ -184,8 +188,9 @@ def markdown(report: dict) -> str:
     names = list(report["per_run"])
     lines = ["# Accuracy: RULER-style tasks, every attention mode on the same prefill", "",
              "Commands: " + "; ".join(f"`{c}`" for c in report["commands"]) + "  ",
-             f"Model: {report['model']}, at least {report['samples_per_cell']} samples per cell, top_k {report['top_k']}, "
-             f"sink 128, window 512, greedy. Machine: {report['machine']}; {report['wall_s']:.0f} s of wall time, summed over the processes that shared the run.", "",
+             f"Model: {report['model']}, at least {report['samples_per_cell']} samples per cell, "
+             f"top_k {report['top_k']}, sink 128, window 512, greedy. Machine: {report['machine']}; "
+             f"{report['wall_s']:.0f} s of wall time, summed over the processes that shared the run.", "",
              "| task | length | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     acc = {(c["task"], c["length"], c["run"]): c["accuracy"] for c in report["cells"]}
     for task in report["tasks"]:
@@ -196,9 +201,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| **average** | {L} | " + " | ".join(f"**{avg[(L, n)]:.1f}**" for n in names) + " |")
     by_len = ", ".join(f"{L}: {c}" for L, c in report["samples_per_cell_by_length"].items())
     lines += ["", f"Samples per cell by length: {by_len}."]
-    lines += ["", "| run | mean relative error of attention outputs vs full | decode tokens/s |", "|---|---|---|"]
+    lines += ["", "| run | mean relative error of attention outputs vs full | decode tokens/s (median over samples) |", "|---|---|---|"]
     for n, r in report["per_run"].items():
-        lines.append(f"| {n} | {r['mean_rel_err_attention']} | {r['decode_tokens_per_s']} |")
+        lines.append(f"| {n} | {r['mean_rel_err_attention']} | {r['decode_tokens_per_s_median']} |")
     if report.get("http"):
         h = report["http"]
         lines += ["", f"Through the HTTP API (`rattn serve`, openai SDK), `{h['run']}` at lengths {h['lengths']}: "
