@@ -150,18 +150,24 @@ def plot(results, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    for name in dict.fromkeys(r["kind"] for r in results):
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    names = list(dict.fromkeys(r["kind"] for r in results))
+    colors = {n: f"C{i}" for i, n in enumerate(names)}  # one colour per kind in every panel
+    for name in names:
         rs = [r for r in results if r["kind"] == name]
-        if rs[0]["scanned_pct_median"] is not None:
-            ax[0].plot([r["scanned_pct_median"] for r in rs], [r["mass_recall_median"] for r in rs], "o-", label=name)
-        ax[1].plot([r["us_per_search_1core"] for r in rs], [r["mass_recall_median"] for r in rs], "o-", label=name)
-    ax[0].set_xlabel("% of offloaded keys scanned (median)")
-    ax[1].set_xlabel("us per search, one core")
+        y = [r["mass_recall_median"] for r in rs]
+        kw = dict(color=colors[name], label=name, marker="o")
+        if rs[0]["scanned_pct_median"] is not None:  # hnswlib does not report its distance computations
+            ax[0].plot([r["scanned_pct_median"] for r in rs], y, **kw)
+        ax[1].plot([r["ef"] for r in rs], y, **kw)
+        ax[2].plot([r["us_per_search_1core"] for r in rs], y, **kw)
+    ax[0].set_xlabel("% of offloaded keys scanned (median; hnswlib does not report it)")
+    ax[1].set_xlabel("search budget ef (candidate list size)")
+    ax[2].set_xlabel("us per search, one core")
     for a in ax:
         a.set_ylabel("attention-mass recall (median)")
         a.grid(alpha=0.3)
-        a.legend()
+        a.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
