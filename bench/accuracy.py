@@ -55,6 +55,11 @@ def configs(top_k: int, sweep: list[int], exact: bool) -> list[Run]:
     return runs
 
 
+def make_sample(tokenizer, task: str, length: int, seed: int):
+    """The task's sample for (length, seed): the same prompt on every run, engine path or HTTP."""
+    return TASKS[task](tokenizer, length, seed=10_000 * length + seed)
+
+
 def run_sample(engine: Engine, ids: list[int], runs: list[Run], max_new: int, done=None) -> dict:
     """-> {run name: {"text", "tokens", "decode_s", "rel_err" (list)}}; full must be runs[0].
     `done(text)`, if given, ends a configuration's decode early once its answer is complete."""
@@ -91,7 +96,7 @@ def run_sample(engine: Engine, ids: list[int], runs: list[Run], max_new: int, do
 
 
 def evaluate(engine: Engine, tasks: list[str], lengths: list[int], samples: int, runs: list[Run],
-             records_path: Path | None = None, shard: tuple[int, int] = (0, 1), log=print) -> list[dict]:
+             records_path: Path | None = None, shard: tuple[int, int] = (0, 1), log=print):
     """Runs every (length, task, seed) not already in `records_path`, appending each record there;
     `shard` (i, n) takes the seeds s with s % n == i, so that n processes can share one run."""
     records = load_records(records_path) if records_path else []
@@ -101,7 +106,7 @@ def evaluate(engine: Engine, tasks: list[str], lengths: list[int], samples: int,
             for task in tasks:
                 if (task, length, s) in have or s % shard[1] != shard[0]:
                     continue
-                sample = TASKS[task](engine.tokenizer, length, seed=10_000 * length + s)
+                sample = make_sample(engine.tokenizer, task, length, s)
                 ids = engine.encode_chat(sample.messages)
                 res = run_sample(engine, ids, runs, MAX_NEW[task], done=sample.correct)
                 rec = {"task": task, "length": length, "seed": s, "prompt_tokens": len(ids),
@@ -116,7 +121,6 @@ def evaluate(engine: Engine, tasks: list[str], lengths: list[int], samples: int,
                         f.write(json.dumps(rec) + "\n")
                 log(json.dumps({"task": task, "length": length, "seed": s, "tokens": len(ids),
                                 **{n: o["correct"] for n, o in rec["outputs"].items()}}), flush=True)
-    return [r for r in records if r["task"] in tasks and r["length"] in lengths and r["seed"] < samples]
 
 
 def load_records(path: Path) -> list[dict]:
@@ -170,7 +174,7 @@ def http_check(records: list[dict], run: Run, lengths: list[int], tokenizer, log
         for rec in records:
             if rec["length"] not in lengths:
                 continue
-            sample = TASKS[rec["task"]](tokenizer, rec["length"], seed=10_000 * rec["length"] + rec["seed"])
+            sample = make_sample(tokenizer, rec["task"], rec["length"], rec["seed"])
             o = rec["outputs"][run.name]
             text = client.chat.completions.create(
                 model=MODEL, messages=sample.messages, max_tokens=o["tokens"], temperature=0,
@@ -243,6 +247,9 @@ def main(argv=None):
     runs = configs(a.top_k, [int(x) for x in a.sweep.split(",") if x], a.exact)
     for r in runs:
         r.att = r.att.override(threads=a.threads)
+    http_run = next((r for r in runs if r.name == a.http), None)
+    if a.http and http_run is None:
+        raise SystemExit(f"--http {a.http!r}: not one of {', '.join(r.name for r in runs)}")
     records_path = Path(a.records)
     records_path.parent.mkdir(parents=True, exist_ok=True)
     shard = tuple(int(x) for x in a.shard.split("/"))
@@ -251,20 +258,15 @@ def main(argv=None):
     prev = json.loads(out.read_text()) if out.is_file() else {}
     command = "python bench/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
     same_file = prev.get("records") == a.records
+    records = load_records(records_path)
+    engine.shutdown()  # an HTTP check's server loads its own copy
+    http = (http_check(records, http_run, [int(x) for x in a.http_lengths.split(",")], engine.tokenizer)
+            if http_run else prev.get("http") if same_file else None)
     report = {"bench": "accuracy", "model": MODEL, "top_k": a.top_k, "machine": f"CPU, {os.cpu_count()} cores",
               "records": a.records,
               "commands": (prev.get("commands", []) if same_file else []) + [command],
               "wall_s": (prev.get("wall_s", 0) if same_file else 0) + time.perf_counter() - t0,
-              "http": prev.get("http") if same_file else None,
-              **summarize(load_records(records_path), [r.name for r in runs])}
-    if a.http:
-        run = next(r for r in runs if r.name == a.http)
-        http_lengths = [int(x) for x in a.http_lengths.split(",")]
-        engine.shutdown()  # the server loads its own copy
-        report["http"] = http_check(load_records(records_path), run, http_lengths, engine.tokenizer)
-        report["wall_s"] = (prev.get("wall_s", 0) if same_file else 0) + time.perf_counter() - t0
-    else:
-        engine.shutdown()
+              "http": http, **summarize(records, [r.name for r in runs])}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     Path(a.md).parent.mkdir(parents=True, exist_ok=True)
