@@ -63,7 +63,8 @@ def make_sample(tokenizer, task: str, length: int, seed: int):
 def run_sample(engine: Engine, ids: list[int], runs: list[Run], max_new: int, done=None) -> dict:
     """-> {run name: {"text", "tokens", "decode_s", "rel_err" (list)}}; full must be runs[0].
     `done(text)`, if given, ends a configuration's decode early once its answer is complete."""
-    kvs = [SequenceKV(engine.shape, r.att, len(ids) + max_new, engine.device, engine.model.dtype) for r in runs]
+    kvs = [SequenceKV(engine.shape, r.att, len(ids) + max_new, engine.device, engine.model.dtype, engine.copy_scores)
+           for r in runs]
     logits0, _ = engine.runner.prefill_many(ids, kvs)
     eos = engine.eos_ids
     out, full_attn, full_tokens = {}, [], []
@@ -97,25 +98,30 @@ def run_sample(engine: Engine, ids: list[int], runs: list[Run], max_new: int, do
 
 def evaluate(engine: Engine, tasks: list[str], lengths: list[int], samples: int, runs: list[Run],
              records_path: Path | None = None, shard: tuple[int, int] = (0, 1), log=print):
-    """Runs every (length, task, seed) not already in `records_path`, appending each record there;
+    """Runs every configuration of every (length, task, seed) that `records_path` lacks, appending a
+    record of those outputs there (full always runs: it is the reference of the others);
     `shard` (i, n) takes the seeds s with s % n == i, so that n processes can share one run."""
-    records = load_records(records_path) if records_path else []
-    have = {(r["task"], r["length"], r["seed"]) for r in records}
+    have = {_key(r): r for r in load_records(records_path)} if records_path else {}
     for length in lengths:
         for s in range(samples):  # seed-major: a run stopped early leaves every task with the same count
             for task in tasks:
-                if (task, length, s) in have or s % shard[1] != shard[0]:
+                old = have.get((task, length, s), {"outputs": {}})["outputs"]
+                todo = [r for r in runs if r.name not in old or r is runs[0]]
+                if (len(todo) == 1 and "full" in old) or s % shard[1] != shard[0]:
                     continue
                 sample = make_sample(engine.tokenizer, task, length, s)
                 ids = engine.encode_chat(sample.messages)
-                res = run_sample(engine, ids, runs, MAX_NEW[task], done=sample.correct)
+                res = run_sample(engine, ids, todo, MAX_NEW[task], done=sample.correct)
+                if "full" in old and old["full"]["text"] != res["full"]["text"] and len(todo) < len(runs):
+                    # the record's other outputs followed another reference: redo them all
+                    log(json.dumps({"full_differs_from_record": [task, length, s]}), flush=True)
+                    res = run_sample(engine, ids, runs, MAX_NEW[task], done=sample.correct)
                 rec = {"task": task, "length": length, "seed": s, "prompt_tokens": len(ids),
                        "answers": sample.answers,
                        "outputs": {name: {"text": r["text"], "correct": sample.correct(r["text"]),
                                           "tokens": len(r["tokens"]), "decode_s": round(r["decode_s"], 4),
                                           "rel_err_sum": sum(r["rel_err"]), "rel_err_n": len(r["rel_err"])}
                                    for name, r in res.items()}}
-                records.append(rec)
                 if records_path:
                     with records_path.open("a") as f:
                         f.write(json.dumps(rec) + "\n")
@@ -123,8 +129,21 @@ def evaluate(engine: Engine, tasks: list[str], lengths: list[int], samples: int,
                                 **{n: o["correct"] for n, o in rec["outputs"].items()}}), flush=True)
 
 
+def _key(rec: dict) -> tuple:
+    return rec["task"], rec["length"], rec["seed"]
+
+
 def load_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    """One record per sample: the lines of a sample merge, a later line's outputs replacing earlier ones."""
+    merged: dict[tuple, dict] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        if line:
+            rec = json.loads(line)
+            if _key(rec) in merged:
+                merged[_key(rec)]["outputs"].update(rec["outputs"])
+            else:
+                merged[_key(rec)] = rec
+    return list(merged.values())
 
 
 def summarize(records: list[dict], names: list[str]) -> dict:

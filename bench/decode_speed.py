@@ -50,7 +50,7 @@ def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int) -
         torch.cuda.reset_peak_memory_stats(dev)
     kv = None
     try:
-        kv = SequenceKV(engine.shape, att, len(ids) + steps, dev, engine.model.dtype)
+        kv = SequenceKV(engine.shape, att, len(ids) + steps, dev, engine.model.dtype, engine.copy_scores)
         sync(dev)
         t0 = time.perf_counter()
         logits, stats = engine.runner.prefill(ids, kv)

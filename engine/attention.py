@@ -24,6 +24,7 @@ class AttentionConfig:
     window: int = 512         # last tokens kept on the device
     evict_block: int = 64     # tokens moved from the window to the CPU store at a time
     max_queries: int = 256    # prefill queries per head that shape the graph index
+    copy_threshold: float = 0.1  # retrieval: heads whose copy score reaches this scan their keys exactly (> 1: none)
     index: IndexParams = field(default_factory=IndexParams)
 
     def __post_init__(self):
@@ -31,6 +32,8 @@ class AttentionConfig:
             raise ValueError(f"attention mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.top_k < 1 or self.sink < 0 or self.window < 1 or self.evict_block < 1 or self.max_queries < 1:
             raise ValueError("attention: top_k >= 1, sink >= 0, window >= 1, evict_block >= 1, max_queries >= 1")
+        if self.copy_threshold < 0:
+            raise ValueError("attention: copy_threshold >= 0")
 
     @property
     def store_kind(self) -> str | None:

@@ -28,7 +28,9 @@ def _round_up(x: int, b: int) -> int:
 
 class SequenceKV:
     def __init__(self, shape: ModelShape, cfg: AttentionConfig, total_len: int, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, copy_scores: np.ndarray | None = None):
+        """copy_scores (n_layers, n_heads), the engine's: in `retrieval` mode the heads at or above
+        cfg.copy_threshold scan their offloaded keys exactly (see engine/heads.py)."""
         self.shape, self.cfg, self.device, self.total_len = shape, cfg, device, total_len
         L, G, H, d = shape.n_layers, shape.n_kv_heads, shape.n_heads, shape.head_dim
         B = cfg.evict_block
@@ -50,7 +52,10 @@ class SequenceKV:
         kind = cfg.store_kind
         # on CUDA one build runs per core at once (ModelRunner's pool), so each build is single-threaded
         params = replace(cfg.index, threads=1) if device.type == "cuda" else cfg.index
-        self.stores = ([OffloadedStore(kind, G, H, d, params) for _ in range(L)] if kind else None)
+        exact = (copy_scores >= cfg.copy_threshold if kind == "graph" and copy_scores is not None
+                 else np.zeros((L, H), bool))
+        self.stores = ([OffloadedStore(kind, G, H, d, params, exact_heads=exact[l]) for l in range(L)]
+                       if kind else None)
         pin = device.type == "cuda"
         # small host<->device buffers of the per-layer CPU step, allocated once per request
         self.q_host = torch.empty(H, d, dtype=torch.float32, pin_memory=pin)

@@ -20,6 +20,7 @@ import torch
 
 from .attention import AttentionConfig
 from .detokenize import IncrementalDetokenizer
+from .heads import copy_scores
 from .kv import SequenceKV
 from .loader import EMBEDDED, load_model
 from .model_runner import ModelRunner, PrefillStats
@@ -72,6 +73,7 @@ class Engine:
         self.shape = self.model.shape
         self.max_model_len = config.max_model_len or self.shape.max_position_embeddings
         self.eos_ids = self._eos_ids()
+        self.copy_scores = copy_scores(self.model)  # (L, H): heads that retrieval scans exactly
         self.runner = ModelRunner(self.model, config.build_threads)
         self._queue: queue.Queue[Sequence | None] = queue.Queue(maxsize=config.max_queue)
         self._seqs: dict[str, Sequence] = {}
@@ -180,7 +182,8 @@ class Engine:
             emit(None, "", finish="abort")
             return
         try:
-            kv = SequenceKV(self.shape, seq.attention, N + sp.max_tokens, self.device, self.model.dtype)
+            kv = SequenceKV(self.shape, seq.attention, N + sp.max_tokens, self.device, self.model.dtype,
+                            self.copy_scores)
             self.current_kv = kv
             logits, stats = self.runner.prefill(ids, kv)
             if self.observer:

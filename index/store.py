@@ -38,7 +38,9 @@ class IndexParams:
 
 class OffloadedStore:
     def __init__(self, kind: str, n_kv_heads: int, n_heads: int, head_dim: int,
-                 params: IndexParams | None = None, with_values: bool = True, capacity: int = 1024):
+                 params: IndexParams | None = None, with_values: bool = True, capacity: int = 1024,
+                 exact_heads: np.ndarray | None = None):
+        """exact_heads (n_heads,) bool, graph only: heads answered by an exact scan instead of the graph."""
         if kind not in KINDS:
             raise ValueError(f"unknown index kind {kind!r}; expected one of {KINDS}")
         if n_heads % n_kv_heads:
@@ -56,6 +58,7 @@ class OffloadedStore:
         self.hnsw: list = []
         self.build_seconds = 0.0
         self.counts = np.zeros(self.H, np.int64)
+        self.exact = np.zeros(self.H, np.uint8) if exact_heads is None else np.asarray(exact_heads, np.uint8)
         self._stamp = 0
         self._scratch_for(self.H, self.p.ef)
 
@@ -196,7 +199,9 @@ class OffloadedStore:
         if self.kind == "flat":
             kernels.flat_search(q, self.K, self.n, kk, ids, sc, scanned)
         elif self.kind == "graph":
-            kernels.graph_search(q, self.K, self.n, kk, self.adj, self.entries, w, self.visited,
+            # rows are heads when H matches; Index's single-head store takes a batch of queries instead
+            exact = self.exact if H == self.H else np.zeros(H, np.uint8)
+            kernels.graph_search(q, self.K, self.n, kk, self.adj, self.entries, exact, w, self.visited,
                                  self._next_stamp(), self.cs, self.ci, self.cx, ids, sc, scanned)
         else:
             per = H // self.G
@@ -224,8 +229,8 @@ class OffloadedStore:
         if self.kind == "flat" or kk == self.n:
             kernels.flat_attend(q, self.K, self.V, self.n, kk, scale, self.cs, self.ci, out_o, out_m, out_s)
         elif self.kind == "graph":
-            kernels.graph_attend(q, self.K, self.V, self.n, kk, scale, self.adj, self.entries, w, self.visited,
-                                 self._next_stamp(), self.cs, self.ci, self.cx, out_o, out_m, out_s)
+            kernels.graph_attend(q, self.K, self.V, self.n, kk, scale, self.adj, self.entries, self.exact, w,
+                                 self.visited, self._next_stamp(), self.cs, self.ci, self.cx, out_o, out_m, out_s)
         else:
             per = self.H // self.G
             for g, ix in enumerate(self.hnsw):

@@ -27,6 +27,8 @@ ENGINE_FLAGS = {
     "graph_degree": (int, 24, "graph index: edges per key (memory: 4 bytes each per key and KV head)"),
     "graph_knn": (int, 32, "graph index: exact top keys of each prefill query that shape the graph"),
     "graph_queries": (int, 256, "graph index: prefill queries sampled per head to build it"),
+    "copy_threshold": (float, 0.1, "retrieval: heads whose copy score reaches this scan their offloaded keys "
+                                   "exactly (above 1: none)"),
     "max_model_len": (int, None, "context limit (default: the model's)"),
     "cpu_threads": (int, 0, "CPU threads of the retrieval step (0: all cores)"),
 }
@@ -86,7 +88,7 @@ def engine_config(a: dict):
     from engine.llm_engine import EngineConfig
 
     att = AttentionConfig(mode=a["attention"], top_k=a["retrieve_k"], sink=a["sink"], window=a["window"],
-                          max_queries=a["graph_queries"])
+                          max_queries=a["graph_queries"], copy_threshold=a["copy_threshold"])
     att = att.override(ef=a["ef"], degree=a["graph_degree"], knn=a["graph_knn"])
     return EngineConfig(model=a["model"], load_format=a["load_format"], device=a["device"], dtype=a["dtype"],
                         attention=att, max_model_len=a["max_model_len"], max_queue=a.get("max_queue", 64),

@@ -1,4 +1,6 @@
 """A small deterministic version of the fidelity benchmark: same prefill, every configuration."""
+import json
+
 import pytest
 
 from bench.accuracy import MAX_NEW, configs, run_sample
@@ -22,3 +24,16 @@ def test_flat_all_equals_full_and_retrieval_answers_what_full_answers(engine, ta
             solved += 1
             assert sample.correct(out["retrieval"]["text"]), (out["full"]["text"], out["retrieval"]["text"])
     assert solved >= 1, "full attention solved no sample: the check would be empty"
+
+
+def test_records_of_one_sample_merge(tmp_path):
+    # a later run that adds or redoes configurations appends a line; the report sees one merged sample
+    from bench.accuracy import load_records
+
+    base = {"task": "passkey", "length": 1024, "seed": 0, "prompt_tokens": 9, "answers": ["1"]}
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps({**base, "outputs": o}) for o in (
+        {"full": {"text": "a"}, "retrieval": {"text": "old"}},
+        {"full": {"text": "a"}, "retrieval": {"text": "new"}, "flat": {"text": "f"}})) + "\n")
+    (rec,) = load_records(path)
+    assert rec["outputs"] == {"full": {"text": "a"}, "retrieval": {"text": "new"}, "flat": {"text": "f"}}

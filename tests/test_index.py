@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from index import KINDS, build_index, exact_topk
+from engine.attention import AttentionConfig
+from index import KINDS, IndexParams, OffloadedStore, build_index, exact_topk
 
 # measured 0.98 median recall@50 with knn 32 (0.96 with knn 16; hnswlib: 0.60); a real regression falls below
 GRAPH_FLOOR = 0.95
@@ -51,6 +52,30 @@ def test_added_keys_are_findable(data, kind):
     # a query in a new key's direction, long enough that the key is its best match
     ids, _ = idx.search(new / np.linalg.norm(new, axis=1, keepdims=True) * 50, 5)
     assert (ids[:, 0] == np.arange(len(keys), len(keys) + 40)).mean() >= 0.95
+
+
+def test_exact_heads_of_a_graph_store_are_exact(data):
+    keys, queries = data
+    G, H = 1, 3
+    store = OffloadedStore("graph", G, H, 32, IndexParams(ef=16), capacity=len(keys),
+                           exact_heads=np.array([False, True, False]))
+    store.load(keys[None], keys[None], exact_topk(queries[:300], keys, 32)[None])
+    q = queries[300:303]
+    ids, scanned = store.search(q, 20)
+    want = np.argsort(-(q @ keys.T), axis=1)[:, :20]
+    assert (ids[1] == want[1]).all() and scanned[1] == len(keys)
+    assert scanned[0] < len(keys) and scanned[2] < len(keys)  # the others still walk the graph
+    o, m, s = np.empty((H, 32), np.float32), np.empty(H, np.float32), np.empty(H, np.float32)
+    store.attend(q, 20, 1.0, o, m, s)
+    z = q[1] @ keys[want[1]].T
+    w = np.exp(z - z.max())
+    np.testing.assert_allclose(o[1], w @ keys[want[1]] / w.sum(), rtol=1e-4, atol=1e-5)
+
+
+def test_copy_scores_flag_few_heads(engine):
+    # the embedded model has a handful of copying heads; a probe that flags most heads (or none) is broken
+    flagged = (engine.copy_scores >= AttentionConfig().copy_threshold).mean()
+    assert 0.01 < flagged < 0.2 and engine.copy_scores.shape == (engine.shape.n_layers, engine.shape.n_heads)
 
 
 def test_graph_with_k_equal_n_returns_every_key(data):
