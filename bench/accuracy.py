@@ -151,7 +151,9 @@ def summarize(records: list[dict], names: list[str]) -> dict:
     err, dec = defaultdict(lambda: [0.0, 0]), defaultdict(list)
     for rec in records:
         for n in names:
-            o = rec["outputs"][n]
+            o = rec["outputs"].get(n)
+            if o is None:  # a configuration not run (yet) on this sample
+                continue
             c = cells[(rec["task"], rec["length"], n)]
             c[0] += o["correct"]
             c[1] += 1
@@ -163,18 +165,18 @@ def summarize(records: list[dict], names: list[str]) -> dict:
              for (t, L, n), c in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0], names.index(kv[0][2])))]
     tasks = list(dict.fromkeys(r["task"] for r in records))
     lengths = sorted({r["length"] for r in records})
-    avg = [{"length": L, "run": n, "accuracy": round(sum(c["accuracy"] for c in table if c["length"] == L
-                                                          and c["run"] == n) / len(tasks), 1)}
-           for L in lengths for n in names]
+    avg = []
+    for L in lengths:
+        for n in names:
+            accs = [c["accuracy"] for c in table if c["length"] == L and c["run"] == n]
+            avg.append({"length": L, "run": n, "accuracy": round(sum(accs) / len(tasks), 1) if len(accs) == len(tasks)
+                        else None})
     per_run = {n: {"mean_rel_err_attention": round(err[n][0] / err[n][1], 5) if err[n][1] else None,
                    # median over samples: robust to a sample slowed by other work on the machine
                    "decode_tokens_per_s_median": round(float(np.median(dec[n])), 2) if dec[n] else None}
                for n in names}
-    samples = defaultdict(int)
-    for r in records:
-        samples[(r["task"], r["length"])] += 1
-    return {"tasks": tasks, "lengths": lengths, "samples_per_cell": min(samples.values()),
-            "samples_per_cell_by_length": {L: min(c for (_, l2), c in samples.items() if l2 == L) for L in lengths},
+    return {"tasks": tasks, "lengths": lengths, "samples_per_cell": min(c[1] for c in cells.values()),
+            "samples_per_cell_by_length": {L: min(c[1] for (_, l2, _), c in cells.items() if l2 == L) for L in lengths},
             "cells": table, "average_by_length": avg, "per_run": per_run}
 
 
@@ -207,6 +209,10 @@ def http_check(records: list[dict], run: Run, lengths: list[int], tokenizer, log
     return {"run": run.name, "lengths": lengths, "samples": n, "identical_text": same, "same_correctness": agree}
 
 
+def _fmt(x, fmt: str) -> str:
+    return "-" if x is None else fmt.format(x)
+
+
 def markdown(report: dict) -> str:
     names = list(report["per_run"])
     lines = ["# Accuracy: RULER-style tasks, every attention mode on the same prefill", "",
@@ -218,10 +224,10 @@ def markdown(report: dict) -> str:
     acc = {(c["task"], c["length"], c["run"]): c["accuracy"] for c in report["cells"]}
     for task in report["tasks"]:
         for L in report["lengths"]:
-            lines.append(f"| {task} | {L} | " + " | ".join(f"{acc[(task, L, n)]:.0f}" for n in names) + " |")
+            lines.append(f"| {task} | {L} | " + " | ".join(_fmt(acc.get((task, L, n)), "{:.0f}") for n in names) + " |")
     avg = {(a["length"], a["run"]): a["accuracy"] for a in report["average_by_length"]}
     for L in report["lengths"]:
-        lines.append(f"| **average** | {L} | " + " | ".join(f"**{avg[(L, n)]:.1f}**" for n in names) + " |")
+        lines.append(f"| **average** | {L} | " + " | ".join(_fmt(avg[(L, n)], "**{:.1f}**") for n in names) + " |")
     by_len = ", ".join(f"{L}: {c}" for L, c in report["samples_per_cell_by_length"].items())
     lines += ["", f"Samples per cell by length: {by_len}."]
     lines += ["", "| run | mean relative error of attention outputs vs full | decode tokens/s (median over samples) |", "|---|---|---|"]

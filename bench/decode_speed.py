@@ -67,6 +67,7 @@ def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int) -
         lat_sorted = sorted(warm)
         out = {
             "mode": att.mode, "top_k": att.top_k, "status": "ok", "prompt_tokens": len(ids),
+            "copy_threshold": att.copy_threshold, "exact_heads": int(sum(s.exact.sum() for s in kv.stores or [])),
             "ttft_s": round(ttft, 4), "prefill_compute_s": round(stats.compute_s, 4),
             "index_wait_s": round(stats.index_wait_s, 4), "index_build_s_sum": round(stats.build_s, 4),
             "offloaded_tokens": stats.offloaded,
@@ -95,6 +96,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--top-k", type=int, default=100)
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--copy-thresholds", default="0.1",
+                    help="retrieval runs once per value; 0 flags every head as copying (the worst case: dummy "
+                         "weights have no copying heads)")
     ap.add_argument("--gpu-mem-gb", type=float, default=None, help="cap GPU memory (24: an RTX 4090)")
     ap.add_argument("--check-exact", action=argparse.BooleanOptionalAction, default=True,
                     help="also run flat with top_k = all and compare its greedy tokens with full")
@@ -110,9 +114,10 @@ def main(argv=None):
     ids = prompt_ids(engine, a.context, 0)
     results = []
     for mode in a.modes.split(","):
-        r = run_mode(engine, ids, AttentionConfig(mode=mode, top_k=a.top_k), a.steps)
-        print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
-        results.append(r)
+        for ct in [float(x) for x in a.copy_thresholds.split(",")] if mode == "retrieval" else [0.1]:
+            r = run_mode(engine, ids, AttentionConfig(mode=mode, top_k=a.top_k, copy_threshold=ct), a.steps)
+            print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
+            results.append(r)
     exact = None
     if a.check_exact:
         flat_all = run_mode(engine, ids, AttentionConfig(mode="flat", top_k=ALL), min(a.steps, 16))

@@ -26,6 +26,32 @@ def _round_up(x: int, b: int) -> int:
     return -(-x // b) * b
 
 
+class Occurrences:
+    """The token of every offloaded key, grouped by token: where a copying head looks at decode time
+    (the keys at, and right after, the earlier occurrences of the current token). Regrouped when keys
+    arrive (after prefill, at each eviction), looked up once per decode step for every layer."""
+
+    def __init__(self, capacity: int, limit: int = 1024):
+        self.tokens = np.empty(capacity, np.int64)  # token of each store id (the stores share ids)
+        self.by_token = np.empty(capacity, np.int64)  # store ids sorted by (token, id)
+        self.sorted = np.empty(capacity, np.int64)
+        self.n = 0
+        self.limit = limit  # a frequent token's most recent occurrences only
+
+    def extend(self, tokens):
+        b = len(tokens)
+        self.tokens[self.n: self.n + b] = tokens
+        self.n += b
+        order = np.argsort(self.tokens[: self.n], kind="stable")
+        self.by_token[: self.n] = order
+        self.sorted[: self.n] = self.tokens[order]
+
+    def of(self, token: int) -> np.ndarray:
+        s = self.sorted[: self.n]
+        lo, hi = np.searchsorted(s, token, "left"), np.searchsorted(s, token, "right")
+        return self.by_token[max(lo, hi - self.limit): hi]
+
+
 class SequenceKV:
     def __init__(self, shape: ModelShape, cfg: AttentionConfig, total_len: int, device: torch.device,
                  dtype: torch.dtype, copy_scores: np.ndarray | None = None):
@@ -56,6 +82,10 @@ class SequenceKV:
                  else np.zeros((L, H), bool))
         self.stores = ([OffloadedStore(kind, G, H, d, params, exact_heads=exact[l]) for l in range(L)]
                        if kind else None)
+        # past exact_max keys the exact heads look up the current token's occurrences instead of scanning
+        self.occ = Occurrences(total_len) if exact.any() else None
+        self.ring_tok = np.zeros(self.C, np.int64)  # token in each ring slot, for the occurrences
+        self.cur_occ: np.ndarray | None = None
         pin = device.type == "cuda"
         # small host<->device buffers of the per-layer CPU step, allocated once per request
         self.q_host = torch.empty(H, d, dtype=torch.float32, pin_memory=pin)
@@ -73,14 +103,18 @@ class SequenceKV:
         self._retrieval_calls = 0
 
     # ------------------------------------------------------------------ prefill
-    def plan_prefill(self, N: int) -> tuple[int, int, int]:
-        """Split N prompt tokens into (sink, offloaded, window) counts."""
+    def plan_prefill(self, ids: list[int]) -> tuple[int, int, int]:
+        """Split the prompt into (sink, offloaded, window) counts."""
+        N = len(ids)
         if N > self.S + self.C and self.cfg.mode == "full":
             raise ValueError("full-mode KV buffer too small for the prompt")
         sink = min(self.S, N)
         win = min(self.W, N - sink)
         self.split = (sink, N - sink - win, win)
         self.written = win
+        self.ring_tok[:win] = ids[N - win:]
+        if self.occ is not None:
+            self.occ.extend(ids[sink: N - win])
         self.bias[: sink] = 0.0
         self.bias[self.S: self.S + win] = 0.0
         return self.split
@@ -131,13 +165,16 @@ class SequenceKV:
                          for g in range(G)])
 
     # ------------------------------------------------------------------ decode
-    def next_slot(self) -> int:
+    def next_slot(self, token: int) -> int:
         """Reserve the ring slot of the next token for every layer, evicting a block if the ring is full."""
         if self.written - self.evicted == self.C:
             if self.cfg.mode == "full":
                 raise RuntimeError("full-mode KV buffer exhausted")
             self._evict_block()
         slot = self.S + self.written % self.C
+        self.ring_tok[slot - self.S] = token
+        if self.occ is not None:
+            self.cur_occ = self.occ.of(token)
         self.written += 1
         self.bias[slot] = 0.0
         return slot
@@ -152,6 +189,8 @@ class SequenceKV:
             kh, vh = self.evict_k.numpy(), self.evict_v.numpy()
             for l, store in enumerate(self.stores):
                 store.append(kh[l], vh[l])
+            if self.occ is not None:
+                self.occ.extend(self.ring_tok[a - self.S: a - self.S + B])
         self.bias[a: a + B] = float("-inf")
         self.evicted += B
 
@@ -182,7 +221,7 @@ class SequenceKV:
         if self.q_ready is not None:
             self.q_ready.synchronize()
         t = time.perf_counter()
-        store.attend(self._q_np, top_k, self.scale, self._o_np, self._ms_np[0], self._ms_np[1])
+        store.attend(self._q_np, top_k, self.scale, self._o_np, self._ms_np[0], self._ms_np[1], self.cur_occ)
         self._retrieval_s += time.perf_counter() - t
         self._retrieval_calls += 1
         self.o_dev.copy_(self.o_host, non_blocking=True)

@@ -70,7 +70,7 @@ class ModelRunner:
         cos, sin = m.rope(torch.arange(N, device=self.device))
         sampled = []  # per kv: (rows on host, rows on device, gathered queries) for a graph build, else None
         for kv in kvs:
-            kv.plan_prefill(N)
+            kv.plan_prefill(ids)
             rows = kv.query_rows(N)
             sampled.append(None if rows is None else (
                 rows, rows.to(self.device),
@@ -114,7 +114,7 @@ class ModelRunner:
         self._pos.fill_(pos)
         h = m.embed[self._tok]
         cos, sin = m.rope(self._pos)
-        slot = kv.next_slot()
+        slot = kv.next_slot(token)
         for l in range(s.n_layers):
             q, k, v = m.qkv(l, h, cos, sin)
             kv.write(l, slot, k[0], v[0])

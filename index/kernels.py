@@ -171,23 +171,37 @@ def flat_search(q, K, n, k, out_ids, out_sc, out_scanned):
 
 
 @njit(nogil=True, cache=True)
-def _graph_or_exact(qv, Kg, n, k, adj, entries, exact, ef, visited, stamp, cs, ci, cx):
-    """One head's candidates, best first, in cs/ci -> (found, scanned): a beam search, or an exact
-    scan for a head flagged `exact` (a copying head, whose target the graph cannot reach)."""
-    if exact:
+def _graph_or_exact(qv, Kg, n, k, adj, entries, exact, exact_max, occ, ef, visited, stamp, cs, ci, cx):
+    """One head's candidates, best first, in cs/ci -> (found, scanned): a beam search; for a head
+    flagged `exact` (a copying head, whose target the graph cannot reach), an exact scan of up to
+    `exact_max` keys, and beyond that the beam plus the keys at and after `occ`, the earlier
+    occurrences of the current token, which are what a duplicate-token or induction head looks for."""
+    if exact and n <= exact_max:
         return _flat_one(qv, Kg, n, k, cs, ci), n
-    return _beam_one(qv, Kg, n, adj, entries, ef, visited, stamp, cs, ci, cx)
+    found, scanned = _beam_one(qv, Kg, n, adj, entries, ef, visited, stamp, cs, ci, cx)
+    if exact:
+        for j in range(occ.shape[0]):
+            for u in (occ[j], occ[j] + 1):
+                if u < 0 or u >= n or visited[u] == stamp:
+                    continue
+                visited[u] = stamp
+                scanned += 1
+                s = _dot(qv, Kg[u])
+                if found < ef or s > cs[found - 1]:
+                    found, _ = _insert_sorted(cs, ci, cx, found, ef, s, u)
+    return found, scanned
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def graph_search(q, K, n, k, adj, entries, exact, ef, visited, stamp, cs, ci, cx, out_ids, out_sc, out_scanned):
+def graph_search(q, K, n, k, adj, entries, exact, exact_max, occ, ef, visited, stamp, cs, ci, cx, out_ids, out_sc,
+                 out_scanned):
     H = q.shape[0]
     per_k = H // K.shape[0]
     per_a = H // adj.shape[0]
     for h in prange(H):
         a = h // per_a
-        got, scanned = _graph_or_exact(q[h], K[h // per_k], n, k, adj[a], entries[a], exact[h], ef, visited[h],
-                                       stamp, cs[h], ci[h], cx[h])
+        got, scanned = _graph_or_exact(q[h], K[h // per_k], n, k, adj[a], entries[a], exact[h], exact_max, occ, ef,
+                                       visited[h], stamp, cs[h], ci[h], cx[h])
         kk = min(k, got)
         for j in range(kk):
             out_ids[h, j] = ci[h, j]
@@ -209,15 +223,16 @@ def flat_attend(q, K, V, n, k, scale, sc, ids, out_o, out_m, out_s):
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def graph_attend(q, K, V, n, k, scale, adj, entries, exact, ef, visited, stamp, cs, ci, cx, out_o, out_m, out_s):
+def graph_attend(q, K, V, n, k, scale, adj, entries, exact, exact_max, occ, ef, visited, stamp, cs, ci, cx, out_o,
+                 out_m, out_s):
     """Graph top-k + partial attention for every head (RetrievalAttention's CPU side)."""
     H = q.shape[0]
     per_k = H // K.shape[0]
     per_a = H // adj.shape[0]
     for h in prange(H):
         g = h // per_k
-        got, _ = _graph_or_exact(q[h], K[g], n, k, adj[h // per_a], entries[h // per_a], exact[h], ef, visited[h],
-                                 stamp, cs[h], ci[h], cx[h])
+        got, _ = _graph_or_exact(q[h], K[g], n, k, adj[h // per_a], entries[h // per_a], exact[h], exact_max, occ,
+                                 ef, visited[h], stamp, cs[h], ci[h], cx[h])
         out_m[h], out_s[h] = _attend_one(q[h], K[g], V[g], ci[h], min(k, got), scale, out_o[h])
 
 

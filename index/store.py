@@ -25,13 +25,14 @@ class IndexParams:
     entries: int = 16         # graph: entry keys per graph
     knn: int = 32             # graph: exact top-L keys of each prefill query used for projection
     per_head: str = "kv"      # graph: one graph per "kv" head (union of the group's queries) or per "query" head
+    exact_max: int = 16384    # graph: exact heads scan every key up to this many; beyond, graph + occurrences
     hnsw_m: int = 16
     hnsw_ef_construction: int = 100
     threads: int = 0          # build threads for hnswlib (0: all)
 
     def __post_init__(self):
-        if self.ef < 1 or self.degree < 3 or self.entries < 1 or self.knn < 2:
-            raise ValueError("index params: ef >= 1, degree >= 3, entries >= 1, knn >= 2")
+        if self.ef < 1 or self.degree < 3 or self.entries < 1 or self.knn < 2 or self.exact_max < 0:
+            raise ValueError("index params: ef >= 1, degree >= 3, entries >= 1, knn >= 2, exact_max >= 0")
         if self.per_head not in ("kv", "query"):
             raise ValueError("index params: per_head must be 'kv' or 'query'")
 
@@ -59,6 +60,7 @@ class OffloadedStore:
         self.build_seconds = 0.0
         self.counts = np.zeros(self.H, np.int64)
         self.exact = np.zeros(self.H, np.uint8) if exact_heads is None else np.asarray(exact_heads, np.uint8)
+        self.no_occ = np.empty(0, np.int64)
         self._stamp = 0
         self._scratch_for(self.H, self.p.ef)
 
@@ -184,9 +186,10 @@ class OffloadedStore:
             self._scratch_for(max(rows, self.cs.shape[0]), max(w, self.width))
         return w
 
-    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, q: np.ndarray, k: int, occ: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k key ids of each head's query q (H, d) -> ids (H, k) int64 best first (-1 past n),
-        scanned (H,) int64: keys whose score was computed (-1 where the index does not tell: hnswlib)."""
+        scanned (H,) int64: keys whose score was computed (-1 where the index does not tell: hnswlib).
+        occ: ids of the keys whose token is the current one (exact heads of a graph look there)."""
         H = q.shape[0]
         ids = np.full((H, k), -1, np.int64)
         scanned = np.zeros(H, np.int64)
@@ -201,7 +204,8 @@ class OffloadedStore:
         elif self.kind == "graph":
             # rows are heads when H matches; Index's single-head store takes a batch of queries instead
             exact = self.exact if H == self.H else np.zeros(H, np.uint8)
-            kernels.graph_search(q, self.K, self.n, kk, self.adj, self.entries, exact, w, self.visited,
+            kernels.graph_search(q, self.K, self.n, kk, self.adj, self.entries, exact, self.p.exact_max,
+                                 self.no_occ if occ is None else occ, w, self.visited,
                                  self._next_stamp(), self.cs, self.ci, self.cx, ids, sc, scanned)
         else:
             per = H // self.G
@@ -213,8 +217,9 @@ class OffloadedStore:
         return ids, scanned
 
     def attend(self, q: np.ndarray, k: int, scale: float, out_o: np.ndarray, out_m: np.ndarray,
-               out_s: np.ndarray):
+               out_s: np.ndarray, occ: np.ndarray | None = None):
         """Per head: top-k over the stored keys, then partial attention -> out_o (H, d), out_m/out_s (H,).
+        occ as in `search`.
 
         One native call for all heads (hnsw: one hnswlib call per KV head, then one native call)."""
         kk = min(k, self.n)
@@ -229,8 +234,9 @@ class OffloadedStore:
         if self.kind == "flat" or kk == self.n:
             kernels.flat_attend(q, self.K, self.V, self.n, kk, scale, self.cs, self.ci, out_o, out_m, out_s)
         elif self.kind == "graph":
-            kernels.graph_attend(q, self.K, self.V, self.n, kk, scale, self.adj, self.entries, self.exact, w,
-                                 self.visited, self._next_stamp(), self.cs, self.ci, self.cx, out_o, out_m, out_s)
+            kernels.graph_attend(q, self.K, self.V, self.n, kk, scale, self.adj, self.entries, self.exact,
+                                 self.p.exact_max, self.no_occ if occ is None else occ, w, self.visited,
+                                 self._next_stamp(), self.cs, self.ci, self.cx, out_o, out_m, out_s)
         else:
             per = self.H // self.G
             for g, ix in enumerate(self.hnsw):

@@ -72,6 +72,31 @@ def test_exact_heads_of_a_graph_store_are_exact(data):
     np.testing.assert_allclose(o[1], w @ keys[want[1]] / w.sum(), rtol=1e-4, atol=1e-5)
 
 
+def test_exact_heads_past_exact_max_look_at_the_occurrences(data):
+    keys, queries = data
+    store = OffloadedStore("graph", 1, 2, 32, IndexParams(ef=32, exact_max=0), capacity=len(keys),
+                           exact_heads=np.array([False, True]))
+    store.load(keys[None], keys[None], exact_topk(queries[:300], keys, 32)[None])
+    j = 1234  # cut off from the graph: only the occurrences lead there
+    store.adj[store.adj == j] = -1
+    store.entries[store.entries == j] = -1
+    q = np.repeat(keys[j][None] / np.linalg.norm(keys[j]) * 50, 2, axis=0)
+    ids, scanned = store.search(q, 5, occ=np.array([7, j - 1]))  # j follows an earlier occurrence
+    assert ids[1, 0] == j and j not in ids[0]
+    assert scanned[1] < len(keys)  # past exact_max: no full scan
+    ids, _ = store.search(q, 5)
+    assert j not in ids[1]
+
+
+def test_occurrences_group_keys_by_token():
+    from engine.kv import Occurrences
+
+    occ = Occurrences(16, limit=2)
+    occ.extend([5, 7, 5, 9])
+    occ.extend([5, 7])
+    assert occ.of(5).tolist() == [2, 4] and occ.of(7).tolist() == [1, 5] and occ.of(8).tolist() == []
+
+
 def test_copy_scores_flag_few_heads(engine):
     # the embedded model has a handful of copying heads; a probe that flags most heads (or none) is broken
     flagged = (engine.copy_scores >= AttentionConfig().copy_threshold).mean()
