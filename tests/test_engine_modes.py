@@ -72,3 +72,20 @@ def test_submit_api_runs_every_mode(engine):
 def test_context_limit_is_enforced(engine):
     with pytest.raises(ValueError, match="maximum context length"):
         engine.submit(Request([1] * 100, SamplingParams(max_tokens=engine.max_model_len)), lambda o: None)
+
+
+def test_token_index_follows_every_offloaded_key(engine, long_prompt):
+    """Copying heads past exact_max look keys up by token: the index must name each key's token, also
+    for keys evicted during decoding."""
+    att = AttentionConfig(mode="retrieval", sink=16, window=64, evict_block=16).override(exact_max=0)
+    kv = SequenceKV(engine.shape, att, len(long_prompt) + 40, engine.device, engine.model.dtype, engine.copy_scores)
+    logits, _ = engine.runner.prefill(long_prompt, kv)
+    tokens = []
+    for i in range(40):
+        tokens.append(int(torch.argmax(logits)))
+        logits = engine.runner.decode(tokens[-1], len(long_prompt) + i, kv, att.top_k)
+    seq, n = long_prompt + tokens, kv.offloaded_tokens()
+    assert n > len(long_prompt) - 16 - 64 and kv.occ.n == n
+    assert kv.occ.tokens[:n].tolist() == seq[16:16 + n]
+    hits = kv.occ.of(seq[100])
+    assert len(hits) and all(seq[16 + i] == seq[100] for i in hits.tolist())
