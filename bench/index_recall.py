@@ -65,14 +65,17 @@ def dump(engine: Engine, n_tokens: int, part: int = 0):
     return Q, K, time.perf_counter() - t
 
 
-def evaluate(Q, K_off, kinds, budgets, k, n_test, max_queries, knn_L, scale):
-    """Q (L, N, H, d): one input's queries; K_off (L, n, G, d): the offloaded keys searched (that input's,
-    or several inputs' pooled)."""
-    L, N, H, d = Q.shape
+def build_positions(n_tokens: int, n_test: int, m: int) -> np.ndarray:
+    """m prompt positions spread evenly before the test queries: the prefill queries a build may use."""
+    return np.unique(np.linspace(0, n_tokens - n_test - 1, m).astype(np.int64))
+
+
+def evaluate(Qt, Qb, K_off, kinds, budgets, k, knn_L, scale):
+    """Qt (L, T, H, d): decode-like test queries; Qb (L, m, H, d): the build's prefill queries; K_off
+    (L, n, G, d): the offloaded keys searched (one input's, or several inputs' pooled)."""
+    L, T, H, d = Qt.shape
     G = K_off.shape[2]
     per = H // G
-    test = np.arange(N - n_test, N)
-    build_pos = np.unique(np.linspace(0, N - n_test - 1, max_queries).astype(np.int64))
     rows = {}
     for name, kind, per_head in kinds:
         for ef in budgets:
@@ -82,14 +85,14 @@ def evaluate(Q, K_off, kinds, budgets, k, n_test, max_queries, knn_L, scale):
     for l in range(L):
         Koff = np.ascontiguousarray(K_off[l].transpose(1, 0, 2))  # (G, n, d)
         n = Koff.shape[1]
-        qt = Q[l, test]  # (T, H, d)
+        qt = Qt[l]  # (T, H, d)
         # exact answers per head
         scores = np.einsum("thd,hnd->thn", qt, np.repeat(Koff, per, axis=0)) * scale  # (T, H, n)
         exact = np.argsort(-scores, axis=-1)[..., :k]
         p = np.exp(scores - scores.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         exact_mass = np.take_along_axis(p, exact, -1).sum(-1)  # (T, H): the best any k keys can capture
-        qb = torch.from_numpy(Q[l, build_pos])  # (m, H, d)
+        qb = torch.from_numpy(Qb[l])  # (m, H, d)
         for name, kind, per_head in kinds:
             params = IndexParams(per_head=per_head, knn=knn_L)
             t = time.perf_counter()
@@ -108,9 +111,10 @@ def evaluate(Q, K_off, kinds, budgets, k, n_test, max_queries, knn_L, scale):
                 store.p.ef = ef
                 r = rows[(name, ef)]
                 store.search(qt[0], k)  # warm
-                t = time.perf_counter()
-                for i in range(len(test)):
-                    ids, scanned = store.search(qt[i], k)
+                t = time.perf_counter()  # the searches alone: scoring them below is not search time
+                found = [store.search(qt[i], k) for i in range(T)]
+                r["us"].append((time.perf_counter() - t) / (T * H) * 1e6)
+                for i, (ids, scanned) in enumerate(found):
                     hit = ids >= 0
                     for h in range(H):
                         got = ids[h][hit[h]]
@@ -118,7 +122,6 @@ def evaluate(Q, K_off, kinds, budgets, k, n_test, max_queries, knn_L, scale):
                         r["mass"].append(float(p[i, h, got].sum()))
                         r["rel_mass"].append(r["mass"][-1] / float(exact_mass[i, h]))
                         r["scanned"].append(scanned[h] / n if scanned[h] >= 0 else np.nan)
-                r["us"].append((time.perf_counter() - t) / (len(test) * H) * 1e6)
     out = []
     for name, kind, per_head in kinds:
         for ef in budgets:
@@ -179,11 +182,13 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--budgets", default="100,200,400,800")
     ap.add_argument("--test-queries", type=int, default=32)
-    ap.add_argument("--max-queries", type=int, default=256)
+    ap.add_argument("--query-stride", type=int, default=AttentionConfig().query_stride)
+    ap.add_argument("--max-queries", type=int, default=AttentionConfig().max_queries)
     ap.add_argument("--knn", type=int, default=IndexParams().knn)
     ap.add_argument("--pool", type=int, default=1,
                     help="pool the offloaded keys of this many different inputs per layer and head "
-                         "(queries from the first): larger stores from a short-context model")
+                         "(test queries from the first; build queries spread over all, as over one "
+                         "long prompt): larger stores from a short-context model")
     ap.add_argument("--layers", default="", help="comma-separated layer subset (default: all)")
     ap.add_argument("--kinds", default="flat,hnsw,graph-kv,graph-query")
     ap.add_argument("--out", default="bench/results/index_recall.json")
@@ -191,25 +196,32 @@ def main(argv=None):
     a = ap.parse_args(argv)
     numba.set_num_threads(1)  # per-search figures are for one core
     engine = Engine(EngineConfig(device="cpu"))
-    cfg = AttentionConfig()
+    cfg = AttentionConfig(query_stride=a.query_stride, max_queries=a.max_queries)
+    # the engine's count for one prompt of all the pooled tokens, spread evenly over the inputs
+    m = cfg.graph_queries(a.tokens * a.pool)
+    pos = build_positions(a.tokens, a.test_queries, -(-m // a.pool))
     Q, K, prefill_s = dump(engine, a.tokens)
     layers = [int(x) for x in a.layers.split(",")] if a.layers else list(range(Q.shape[0]))
-    Q = np.ascontiguousarray(Q[layers])
-    parts = [K[layers, cfg.sink:-cfg.window]]
+    Qt = np.ascontiguousarray(Q[layers, a.tokens - a.test_queries:])
+    Qb, parts = [Q[layers][:, pos]], [K[layers, cfg.sink:-cfg.window]]
+    del Q, K
     for i in range(1, a.pool):
-        parts.append(dump(engine, a.tokens, i)[1][layers, cfg.sink:-cfg.window])
+        Qi, Ki, _ = dump(engine, a.tokens, i)
+        Qb.append(Qi[layers][:, pos])
+        parts.append(Ki[layers, cfg.sink:-cfg.window])
+        del Qi, Ki
+    Qb = np.ascontiguousarray(np.concatenate(Qb, axis=1))
     K_off = np.concatenate(parts, axis=1)
-    del K, parts
+    del parts
     table = {"flat": ("flat", "flat", "kv"), "hnsw": ("hnsw", "hnsw", "kv"),
              "graph-kv": ("graph-kv", "graph", "kv"), "graph-query": ("graph-query", "graph", "query")}
     kinds = [table[x] for x in a.kinds.split(",")]
     budgets = [int(x) for x in a.budgets.split(",")]
-    results = evaluate(Q, K_off, kinds, budgets, a.k, a.test_queries, a.max_queries, a.knn,
-                       engine.shape.head_dim ** -0.5)
-    report = {"bench": "index_recall", "model": "smollm2-135m-instruct", "tokens": int(Q.shape[1]),
+    results = evaluate(Qt, Qb, K_off, kinds, budgets, a.k, a.knn, engine.shape.head_dim ** -0.5)
+    report = {"bench": "index_recall", "model": "smollm2-135m-instruct", "tokens": a.tokens,
               "pooled_inputs": a.pool, "offloaded_keys": int(K_off.shape[1]), "layers": layers,
-              "heads": int(Q.shape[2]), "prefill_s_2cores": round(prefill_s, 2), "k": a.k,
-              "max_queries_per_head": a.max_queries, "knn": a.knn,
+              "heads": int(Qt.shape[2]), "prefill_s_2cores": round(prefill_s, 2), "k": a.k,
+              "build_queries_per_head": int(Qb.shape[1]), "knn": a.knn,
               "command": "python bench/index_recall.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "results": results}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

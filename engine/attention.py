@@ -14,6 +14,7 @@ from index import IndexParams
 
 MODES = ("full", "streaming", "flat", "hnsw", "retrieval")
 _STORE_KIND = {"flat": "flat", "hnsw": "hnsw", "retrieval": "graph"}
+MIN_QUERIES = 256  # graph build queries of a short prompt: a few hundred cost little and cover its keys
 
 
 @dataclass
@@ -23,21 +24,29 @@ class AttentionConfig:
     sink: int = 128           # first tokens kept on the device
     window: int = 512         # last tokens kept on the device
     evict_block: int = 64     # tokens moved from the window to the CPU store at a time
-    max_queries: int = 256    # prefill queries per head that shape the graph index
+    query_stride: int = 32    # graph build: one prefill query per head for every this many prompt tokens,
+    max_queries: int = 2048   # at most this many (and at least MIN_QUERIES where the prompt has them)
     copy_threshold: float = 0.1  # retrieval: heads whose copy score reaches this scan their keys exactly (> 1: none)
     index: IndexParams = field(default_factory=IndexParams)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"attention mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.top_k < 1 or self.sink < 0 or self.window < 1 or self.evict_block < 1 or self.max_queries < 1:
-            raise ValueError("attention: top_k >= 1, sink >= 0, window >= 1, evict_block >= 1, max_queries >= 1")
+        if self.top_k < 1 or self.sink < 0 or self.window < 1 or self.evict_block < 1 or self.max_queries < 1 \
+                or self.query_stride < 1:
+            raise ValueError("attention: top_k >= 1, sink >= 0, window >= 1, evict_block >= 1, max_queries >= 1, "
+                             "query_stride >= 1")
         if self.copy_threshold < 0:
             raise ValueError("attention: copy_threshold >= 0")
 
     @property
     def store_kind(self) -> str | None:
         return _STORE_KIND.get(self.mode)
+
+    def graph_queries(self, n_tokens: int) -> int:
+        """Prefill queries per head that shape the graph of an n_tokens prompt. They grow with the prompt:
+        a fixed number leaves most keys of a long one in no query's top list, hence hard to reach."""
+        return min(n_tokens, self.max_queries, max(MIN_QUERIES, n_tokens // self.query_stride))
 
     def override(self, **kw) -> "AttentionConfig":
         """A copy with the given non-None fields replaced (per-request overrides); index params by name."""

@@ -124,7 +124,7 @@ class SequenceKV:
         usually sits at the end) and an even spread over the rest."""
         if self.cfg.store_kind != "graph" or self.split[1] == 0:
             return None
-        m = min(self.cfg.max_queries, N)
+        m = self.cfg.graph_queries(N)
         recent = min(m // 4, N)
         spread = torch.linspace(0, N - recent - 1, m - recent).long() if m > recent else torch.empty(0, dtype=torch.long)
         rows = torch.cat([spread, torch.arange(N - recent, N)])

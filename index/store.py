@@ -23,7 +23,7 @@ class IndexParams:
     ef: int = 128
     degree: int = 24          # graph: adjacency slots per key (2 sequence + projected)
     entries: int = 16         # graph: entry keys per graph
-    knn: int = 32             # graph: exact top-L keys of each prefill query used for projection
+    knn: int = 64             # graph: exact top-L keys of each prefill query used for projection
     per_head: str = "kv"      # graph: one graph per "kv" head (union of the group's queries) or per "query" head
     exact_max: int = 16384    # graph: exact heads scan every key up to this many; beyond, graph + occurrences
     hnsw_m: int = 16

@@ -25,8 +25,10 @@ ENGINE_FLAGS = {
     "window": (int, 512, "last tokens kept on the device"),
     "ef": (int, 128, "index search list size"),
     "graph_degree": (int, 24, "graph index: edges per key (memory: 4 bytes each per key and KV head)"),
-    "graph_knn": (int, 32, "graph index: exact top keys of each prefill query that shape the graph"),
-    "graph_queries": (int, 256, "graph index: prefill queries sampled per head to build it"),
+    "graph_knn": (int, 64, "graph index: exact top keys of each prefill query that shape the graph"),
+    "graph_query_stride": (int, 32, "graph index: one prefill query per head shapes it for every this many "
+                                    "prompt tokens"),
+    "graph_queries": (int, 2048, "graph index: at most this many prefill queries per head"),
     "copy_threshold": (float, 0.1, "retrieval: heads whose copy score reaches this scan their offloaded keys "
                                    "exactly (above 1: none)"),
     "max_model_len": (int, None, "context limit (default: the model's)"),
@@ -88,7 +90,8 @@ def engine_config(a: dict):
     from engine.llm_engine import EngineConfig
 
     att = AttentionConfig(mode=a["attention"], top_k=a["retrieve_k"], sink=a["sink"], window=a["window"],
-                          max_queries=a["graph_queries"], copy_threshold=a["copy_threshold"])
+                          max_queries=a["graph_queries"], query_stride=a["graph_query_stride"],
+                          copy_threshold=a["copy_threshold"])
     att = att.override(ef=a["ef"], degree=a["graph_degree"], knn=a["graph_knn"])
     return EngineConfig(model=a["model"], load_format=a["load_format"], device=a["device"], dtype=a["dtype"],
                         attention=att, max_model_len=a["max_model_len"], max_queue=a.get("max_queue", 64),

@@ -34,6 +34,7 @@ class AttentionOverride(_Lenient):
     degree: int | None = Field(None, ge=3, le=256)
     knn: int | None = Field(None, ge=2, le=1024)
     max_queries: int | None = Field(None, ge=1, le=100_000)
+    query_stride: int | None = Field(None, ge=1, le=1_000_000)
     copy_threshold: float | None = Field(None, ge=0)  # retrieval: copying heads at or above it scan exactly
 
 
