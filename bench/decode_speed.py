@@ -99,6 +99,9 @@ def main(argv=None):
     ap.add_argument("--copy-thresholds", default="0.1",
                     help="retrieval runs once per value; 0 flags every head as copying (the worst case: dummy "
                          "weights have no copying heads)")
+    ap.add_argument("--graph", default="",
+                    help="retrieval: ';'-separated variants of graph settings, each 'name=value,...' over "
+                         "the defaults (ef, degree, knn, query_stride, max_queries), e.g. 'knn=32;max_queries=256'")
     ap.add_argument("--gpu-mem-gb", type=float, default=None, help="cap GPU memory (24: an RTX 4090)")
     ap.add_argument("--check-exact", action=argparse.BooleanOptionalAction, default=True,
                     help="also run flat with top_k = all and compare its greedy tokens with full")
@@ -113,11 +116,19 @@ def main(argv=None):
     load_s = time.perf_counter() - t
     ids = prompt_ids(engine, a.context, 0)
     results = []
+    variants = [dict((kv.split("=")[0], int(kv.split("=")[1])) for kv in v.split(",") if kv)
+                for v in a.graph.split(";")]
     for mode in a.modes.split(","):
-        for ct in [float(x) for x in a.copy_thresholds.split(",")] if mode == "retrieval" else [0.1]:
-            r = run_mode(engine, ids, AttentionConfig(mode=mode, top_k=a.top_k, copy_threshold=ct), a.steps)
-            print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
-            results.append(r)
+        retrieval = mode == "retrieval"
+        for ct in [float(x) for x in a.copy_thresholds.split(",")] if retrieval else [0.1]:
+            for graph in variants if retrieval else [{}]:
+                att = AttentionConfig(mode=mode, top_k=a.top_k, copy_threshold=ct).override(**graph)
+                r = run_mode(engine, ids, att, a.steps)
+                if retrieval:
+                    r["graph"] = {"ef": att.index.ef, "degree": att.index.degree, "knn": att.index.knn,
+                                  "queries_per_head": att.graph_queries(len(ids))}
+                print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
+                results.append(r)
     exact = None
     if a.check_exact:
         flat_all = run_mode(engine, ids, AttentionConfig(mode="flat", top_k=ALL), min(a.steps, 16))

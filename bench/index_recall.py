@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from engine.attention import AttentionConfig  # noqa: E402
 from engine.kv import SequenceKV  # noqa: E402
 from engine.llm_engine import Engine, EngineConfig  # noqa: E402
-from index import IndexParams, OffloadedStore, exact_topk  # noqa: E402
+from index import IndexParams, OffloadedStore, graph_knn  # noqa: E402
 
 
 CORPUS = ("argparse", "logging", "json.decoder", "textwrap", "email.message", "subprocess", "typing", "inspect",
@@ -98,11 +98,7 @@ def evaluate(Qt, Qb, K_off, kinds, budgets, k, knn_L, scale):
             t = time.perf_counter()
             knn = None
             if kind == "graph":
-                kt = torch.from_numpy(Koff)
-                knn = (np.stack([exact_topk(qb[:, h], kt[h // per], knn_L) for h in range(H)])
-                       if per_head == "query" else
-                       np.stack([exact_topk(qb[:, g * per:(g + 1) * per].reshape(-1, d), kt[g], knn_L)
-                                 for g in range(G)]))
+                knn = graph_knn(qb, torch.from_numpy(Koff), knn_L, per_head)
             store = OffloadedStore(kind, G, H, d, params, with_values=False, capacity=n)
             store.load(Koff, None, knn)
             rows[(name, "build_s")] += time.perf_counter() - t

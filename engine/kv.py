@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from index import OffloadedStore, exact_topk
+from index import OffloadedStore, graph_knn
 
 from .attention import AttentionConfig, merge_partial_attention, partial_attention
 from .model import ModelShape
@@ -151,18 +151,8 @@ class SequenceKV:
         knn = None
         if q_rows is not None:
             k_dev = K if self.device.type == "cpu" else k_mid.float().contiguous()
-            knn = self._prefill_knn(q_rows.float(), k_dev)
+            knn = graph_knn(q_rows.float(), k_dev, self.cfg.index.knn, self.cfg.index.per_head)
         return pool.submit(store.build, mid, knn)
-
-    def _prefill_knn(self, q: torch.Tensor, k_mid: torch.Tensor) -> np.ndarray:
-        """Exact top-L offloaded keys of the sampled queries, on the compute device, per graph."""
-        G, H = self.shape.n_kv_heads, self.shape.n_heads
-        per = H // G
-        L = self.cfg.index.knn
-        if self.cfg.index.per_head == "query":
-            return np.stack([exact_topk(q[:, h], k_mid[h // per], L) for h in range(H)])
-        return np.stack([exact_topk(q[:, g * per:(g + 1) * per].reshape(-1, q.shape[-1]), k_mid[g], L)
-                         for g in range(G)])
 
     # ------------------------------------------------------------------ decode
     def next_slot(self, token: int) -> int:

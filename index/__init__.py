@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .knn import exact_topk
+from .knn import exact_topk, graph_knn
 from .store import KINDS, IndexParams, OffloadedStore
 
-__all__ = ["KINDS", "IndexParams", "OffloadedStore", "Index", "build_index", "exact_topk"]
+__all__ = ["KINDS", "IndexParams", "OffloadedStore", "Index", "build_index", "exact_topk", "graph_knn"]
 
 
 class Index:

@@ -6,14 +6,35 @@ import torch
 
 
 def exact_topk(queries, keys, L: int, chunk_elems: int = 1 << 26) -> np.ndarray:
-    """queries (m, d), keys (n, d) as numpy or torch (on any device) -> (m, min(L, n)) int64 numpy,
-    best first. Runs where the tensors are (the GPU during CUDA prefill), in row chunks whose score
-    matrix stays within chunk_elems floats (256 MB), so that a long prompt's build fits beside it."""
+    """queries (m, d), keys (n, d), or batches of both (B, m, d) / (B, n, d), as numpy or torch on any
+    device -> (m, min(L, n)) or (B, m, min(L, n)) int64 numpy, best first. Runs where the tensors are
+    (the GPU during CUDA prefill), one product per batch entry and row chunk (a loop over a few KV
+    heads: on CPU it beats one strided bmm), whose scores stay within chunk_elems floats (256 MB), so
+    that a long prompt's build fits beside it."""
     q = torch.as_tensor(queries)
     k = torch.as_tensor(keys).to(q.device, q.dtype)
-    L = min(L, k.shape[0])
-    chunk = max(1, chunk_elems // max(1, k.shape[0]))
-    out = torch.empty((q.shape[0], L), dtype=torch.int64, device=q.device)
-    for s in range(0, q.shape[0], chunk):
-        out[s:s + chunk] = (q[s:s + chunk] @ k.T).float().topk(L, dim=1).indices
-    return out.cpu().numpy()
+    single = q.dim() == 2
+    if single:
+        q, k = q[None], k[None]
+    B, n = k.shape[0], k.shape[1]
+    L = min(L, n)
+    chunk = max(1, chunk_elems // max(1, n))
+    out = torch.empty((B, q.shape[1], L), dtype=torch.int64, device=q.device)
+    for b in range(B):
+        for s in range(0, q.shape[1], chunk):
+            out[b, s:s + chunk] = (q[b, s:s + chunk] @ k[b].T).float().topk(L, dim=1).indices
+    out = out.cpu().numpy()
+    return out[0] if single else out
+
+
+def graph_knn(queries, keys, L: int, per_head: str) -> np.ndarray:
+    """The build input of one layer's graphs: queries (m, H, d) prefill queries, keys (G, n, d) ->
+    (A, rows, L). One graph per KV head (per_head "kv", A = G) takes the union of its query heads'
+    queries (rows = H/G * m); one per query head ("query", A = H) its own (rows = m). Both come from
+    the same scores: one product per KV head."""
+    q = torch.as_tensor(queries)
+    m, H, d = q.shape
+    G = keys.shape[0]
+    per = H // G
+    knn = exact_topk(q.reshape(m, G, per, d).permute(1, 2, 0, 3).reshape(G, per * m, d), keys, L)
+    return knn.reshape(H, m, -1) if per_head == "query" else knn
