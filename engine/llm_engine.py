@@ -18,6 +18,8 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
+from index import warm_up
+
 from .attention import AttentionConfig
 from .detokenize import IncrementalDetokenizer
 from .heads import copy_scores
@@ -75,6 +77,7 @@ class Engine:
         self.eos_ids = self._eos_ids()
         self.copy_scores = copy_scores(self.model)  # (L, H): heads that retrieval scans exactly
         self.runner = ModelRunner(self.model, config.build_threads)
+        warm_up()  # the CPU kernels compile here, not inside the first request that offloads
         self._queue: queue.Queue[Sequence | None] = queue.Queue(maxsize=config.max_queue)
         self._seqs: dict[str, Sequence] = {}
         self._lock = threading.Lock()

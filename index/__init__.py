@@ -12,7 +12,24 @@ import numpy as np
 from .knn import exact_topk, graph_knn
 from .store import KINDS, IndexParams, OffloadedStore
 
-__all__ = ["KINDS", "IndexParams", "OffloadedStore", "Index", "build_index", "exact_topk", "graph_knn"]
+__all__ = ["KINDS", "IndexParams", "OffloadedStore", "Index", "build_index", "exact_topk", "graph_knn", "warm_up"]
+
+
+def warm_up():
+    """Run every kernel once on a tiny random store of each kind, so that numba compiles them (about 15 s
+    on 2 cores the first time; its on-disk cache is per source path) or loads them from its cache now,
+    not inside the first request or a timed build."""
+    rng = np.random.default_rng(0)
+    G, H, n, d, k = 1, 2, 256, 8, 8
+    keys = rng.standard_normal((G, n, d), dtype=np.float32)
+    q = rng.standard_normal((H, d), dtype=np.float32)
+    o, m, s = np.empty((H, d), np.float32), np.empty(H, np.float32), np.empty(H, np.float32)
+    for kind in KINDS:
+        store = OffloadedStore(kind, G, H, d, capacity=2 * n, exact_heads=np.array([True, False]))
+        store.load(keys, keys, graph_knn(q[None], keys, 16, "query") if kind == "graph" else None)
+        store.search(q, k)
+        store.attend(q, k, 1.0, o, m, s, occ=np.arange(4, dtype=np.int64))
+        store.append(keys[:, :4], keys[:, :4])
 
 
 class Index:
