@@ -104,6 +104,15 @@ def test_graph_knn_matches_per_head_products(per_head):
     assert all((a == b).all() for a, b in zip(got, want))
 
 
+def test_build_queries_grow_with_the_prompt():
+    cfg = AttentionConfig()  # one per 32 tokens, at least 256, at most 2048
+    assert cfg.graph_queries(100) == 100
+    assert cfg.graph_queries(4096) == 256
+    assert cfg.graph_queries(32 * 1000) == 1000
+    assert cfg.graph_queries(10**6) == 2048
+    assert AttentionConfig(max_queries=16).graph_queries(4096) == 16
+
+
 def test_occurrences_group_keys_by_token():
     from engine.kv import Occurrences
 

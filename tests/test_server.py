@@ -107,7 +107,7 @@ def test_attention_extension_per_request(client):
     # the graph's build parameters are per request too (this prompt is short: a tiny window offloads most)
     r = chat(client, max_tokens=6, temperature=0, extra_body={"attention": {
         "mode": "retrieval", "sink": 4, "window": 8, "degree": 8, "knn": 4, "max_queries": 16,
-        "copy_threshold": 0.0}})
+        "query_stride": 8, "copy_threshold": 0.0}})
     assert r.choices[0].message.content
 
 
@@ -117,6 +117,7 @@ def test_attention_extension_per_request(client):
     (dict(extra_body={"attention": {"mode": "magic"}}), "attention"),
     (dict(extra_body={"attention": {"degree": 2}}), "attention"),
     (dict(extra_body={"attention": {"copy_threshold": -1}}), "attention"),
+    (dict(extra_body={"attention": {"query_stride": 0}}), "attention"),
     (dict(logit_bias={"1": 5}), None), (dict(top_logprobs=3), None),
 ])
 def test_bad_values_are_400(client, kw, param):
