@@ -8,7 +8,7 @@ are excluded from the build, whose queries are sampled from the rest as the engi
 
     python bench/index_recall.py --tokens 8832 --budgets 100,150,200,400 --test-queries 16   # 8,192 offloaded keys
     python bench/index_recall.py --tokens 8192 --pool 9 --layers 0,6,12,18,24,29 --test-queries 16 \
-        --budgets 100,200,400 --kinds flat,hnsw,graph-kv --out bench/results/index_recall_64k.json \
+        --budgets 100,200,300,400 --kinds flat,hnsw,graph-kv --out bench/results/index_recall_64k.json \
         --png bench/results/index_recall_64k.png                                         # 68K pooled keys
 """
 from __future__ import annotations
@@ -200,11 +200,11 @@ def main(argv=None):
     Q, K, prefill_s = dump(engine, a.tokens)
     layers = [int(x) for x in a.layers.split(",")] if a.layers else list(range(Q.shape[0]))
     Qt = np.ascontiguousarray(Q[layers, a.tokens - a.test_queries:])
-    Qb, parts = [Q[layers][:, pos]], [K[layers, cfg.sink:-cfg.window]]
+    Qb, parts = [Q[np.ix_(layers, pos)]], [K[layers, cfg.sink:-cfg.window]]
     del Q, K
     for i in range(1, a.pool):
         Qi, Ki, _ = dump(engine, a.tokens, i)
-        Qb.append(Qi[layers][:, pos])
+        Qb.append(Qi[np.ix_(layers, pos)])
         parts.append(Ki[layers, cfg.sink:-cfg.window])
         del Qi, Ki
     Qb = np.ascontiguousarray(np.concatenate(Qb, axis=1))

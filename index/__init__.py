@@ -16,8 +16,8 @@ __all__ = ["KINDS", "IndexParams", "OffloadedStore", "Index", "build_index", "ex
 
 
 def warm_up():
-    """Run every kernel once on a tiny random store of each kind, so that numba compiles them (about 15 s
-    on 2 cores the first time; its on-disk cache is per source path) or loads them from its cache now,
+    """Run every kernel once on a tiny random store of each kind, so that numba compiles them (~20 s on
+    2 cores the first time; its on-disk cache is per source path) or loads them from its cache now,
     not inside the first request or a timed build."""
     rng = np.random.default_rng(0)
     G, H, n, d, k = 1, 2, 256, 8, 8
