@@ -6,6 +6,11 @@ characters are held back until they can no longer start a stop string.
 """
 from __future__ import annotations
 
+# A UTF-8 character is at most 4 bytes, so a U+FFFD that this many tokens have not completed is final
+# (the model emitted invalid bytes). Releasing it keeps each decode call's window short: a run of
+# invalid bytes would otherwise make detokenising quadratic.
+MAX_PENDING = 4
+
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: list[str] | None = None):
@@ -26,7 +31,7 @@ class IncrementalDetokenizer:
         self.ids.append(token)
         before = self._decode(self.ids[self.prefix:self.read])
         after = self._decode(self.ids[self.prefix:])
-        if after.endswith("\ufffd"):
+        if after.endswith("\ufffd") and len(self.ids) - self.read < MAX_PENDING:
             return "", False
         start = max(0, len(self.text) - self.hold)
         self.text += after[len(before):]

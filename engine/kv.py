@@ -22,6 +22,9 @@ from .attention import AttentionConfig, merge_partial_attention, partial_attenti
 from .model import ModelShape
 
 
+FULL_CHUNK = 4096  # `full` mode's device buffer grows by at least this many slots at a time
+
+
 def _round_up(x: int, b: int) -> int:
     return -(-x // b) * b
 
@@ -60,14 +63,17 @@ class SequenceKV:
         self.shape, self.cfg, self.device, self.total_len = shape, cfg, device, total_len
         L, G, H, d = shape.n_layers, shape.n_kv_heads, shape.n_heads, shape.head_dim
         B = cfg.evict_block
-        if cfg.mode == "full":
-            self.S, self.C, self.W = 0, _round_up(max(total_len, 1), B), total_len
+        self.full = cfg.mode == "full"
+        # Device buffers are sized by what this request can use, never by a sink or window larger than
+        # the request itself. `full` starts with room for a first chunk and grows (see _grow).
+        if self.full:
+            self.S, self.C, self.W = 0, _round_up(min(max(total_len, 1), FULL_CHUNK), B), total_len
         else:
-            self.S, self.C, self.W = cfg.sink, _round_up(cfg.window + B, B), cfg.window
+            self.W = min(cfg.window, max(total_len, 1))
+            self.S, self.C = min(cfg.sink, total_len), _round_up(self.W + B, B)
         n = self.S + self.C
         # The static part of the partial modes is small (sink + window), so it is kept in float32: its
         # scores then never round to bf16 before the softmax. `full` keeps the model dtype and uses SDPA.
-        self.full = cfg.mode == "full"
         sdtype = dtype if self.full else torch.float32
         self.k = torch.zeros(L, G, n, d, device=device, dtype=sdtype)
         self.v = torch.zeros(L, G, n, d, device=device, dtype=sdtype)
@@ -106,8 +112,10 @@ class SequenceKV:
     def plan_prefill(self, ids: list[int]) -> tuple[int, int, int]:
         """Split the prompt into (sink, offloaded, window) counts."""
         N = len(ids)
-        if N > self.S + self.C and self.cfg.mode == "full":
-            raise ValueError("full-mode KV buffer too small for the prompt")
+        if self.full:
+            if N > self.total_len:
+                raise ValueError("full-mode KV buffer too small for the prompt")
+            self._grow(N + 1)
         sink = min(self.S, N)
         win = min(self.W, N - sink)
         self.split = (sink, N - sink - win, win)
@@ -158,9 +166,12 @@ class SequenceKV:
     def next_slot(self, token: int) -> int:
         """Reserve the ring slot of the next token for every layer, evicting a block if the ring is full."""
         if self.written - self.evicted == self.C:
-            if self.cfg.mode == "full":
+            if not self.full:
+                self._evict_block()
+            elif self.C < self.total_len:
+                self._grow(self.written + 1)
+            else:
                 raise RuntimeError("full-mode KV buffer exhausted")
-            self._evict_block()
         slot = self.S + self.written % self.C
         self.ring_tok[slot - self.S] = token
         if self.occ is not None:
@@ -168,6 +179,20 @@ class SequenceKV:
         self.written += 1
         self.bias[slot] = 0.0
         return slot
+
+    def _grow(self, slots: int):
+        """`full` mode: room for at least `slots` tokens, by a chunk or a quarter more at a time, never
+        past the request's total length (no ring: slot i holds token i)."""
+        if slots <= self.C:
+            return
+        B = self.cfg.evict_block
+        C = min(_round_up(max(slots, self.C + FULL_CHUNK, self.C * 5 // 4), B), _round_up(self.total_len, B))
+        L, G, _, d = self.k.shape
+        k = torch.zeros(L, G, C, d, device=self.device, dtype=self.k.dtype)
+        v = torch.zeros_like(k)
+        bias = torch.full((C,), float("-inf"), device=self.device)
+        k[:, :, : self.C], v[:, :, : self.C], bias[: self.C] = self.k, self.v, self.bias
+        self.k, self.v, self.bias, self.C = k, v, bias, C
 
     def _evict_block(self):
         B = self.cfg.evict_block
@@ -229,7 +254,8 @@ class SequenceKV:
         return sum(s.build_seconds for s in self.stores) if self.stores is not None else 0.0
 
     def cpu_bytes(self) -> int:
-        return sum(s.nbytes() for s in self.stores) if self.stores is not None else 0
+        stores = self.stores  # one read: the engine thread may free them while /metrics asks
+        return sum(s.nbytes() for s in stores) if stores is not None else 0
 
     def offloaded_tokens(self) -> int:
         return self.stores[0].n if self.stores is not None else 0

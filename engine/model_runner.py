@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,16 +54,30 @@ class ModelRunner:
         self._tok = torch.zeros(1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
 
-    def prefill(self, ids: list[int], kv: SequenceKV, capture=None) -> tuple[torch.Tensor, PrefillStats]:
+    def prefill(self, ids: list[int], kv: SequenceKV, capture=None,
+                on_layer: Callable[[int], None] | None = None) -> tuple[torch.Tensor, PrefillStats]:
         """-> logits (V,) float32 of the last prompt position. `capture(l, start, q, k)`, if given, sees
-        every chunk's roped queries and keys (benchmarks dump them)."""
-        logits, stats = self.prefill_many(ids, [kv], capture)
+        every chunk's roped queries and keys (benchmarks dump them). `on_layer(l)` runs after each layer
+        (progress; it may raise to end the prefill early)."""
+        logits, stats = self.prefill_many(ids, [kv], capture, on_layer)
         return logits, stats[0]
 
-    @torch.inference_mode()
-    def prefill_many(self, ids: list[int], kvs: list[SequenceKV], capture=None):
+    def prefill_many(self, ids: list[int], kvs: list[SequenceKV], capture=None,
+                     on_layer: Callable[[int], None] | None = None):
         """One forward pass over the prompt, placed into several SequenceKVs (e.g. one per attention mode):
         the fork that lets a benchmark decode the same prefill under every mode."""
+        futures: list[Future] = []
+        try:
+            return self._prefill(ids, kvs, capture, on_layer, futures)
+        finally:
+            # on any exit, no build queued by this prefill outlives it: one that has not started is
+            # cancelled, one that has is waited for (it holds this request's stores)
+            for f in futures:
+                f.cancel()
+            wait(futures)
+
+    @torch.inference_mode()
+    def _prefill(self, ids, kvs, capture, on_layer, futures):
         m, s = self.model, self.model.shape
         t0 = time.perf_counter()
         N = len(ids)
@@ -75,7 +90,6 @@ class ModelRunner:
             sampled.append(None if rows is None else (
                 rows, rows.to(self.device),
                 torch.empty(len(rows), s.n_heads, s.head_dim, device=self.device, dtype=m.dtype)))
-        futures = []
         attn = torch.empty(N, s.n_heads, s.head_dim, device=self.device, dtype=m.dtype)
         k_all = torch.empty(N, s.n_kv_heads, s.head_dim, device=self.device, dtype=m.dtype)
         v_all = torch.empty_like(k_all)
@@ -98,10 +112,12 @@ class ModelRunner:
                 if fut is not None:
                     futures.append(fut)
             m.finish_layer(l, h, attn)
+            if on_layer is not None:
+                on_layer(l)
         logits = m.logits(h[-1])
         t1 = time.perf_counter()
         for f in futures:
-            f.result()
+            f.result()  # a failed build fails the request
         t2 = time.perf_counter()
         return logits, [PrefillStats(N, t1 - t0, t2 - t1, kv.build_seconds(), kv.offloaded_tokens()) for kv in kvs]
 

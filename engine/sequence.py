@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,6 +31,7 @@ class StepOutput:
     error: str | None = None
     num_prompt_tokens: int = 0
     num_generated: int = 0
+    error_status: int = 500        # with finish_reason "error": the HTTP status it stands for
 
 
 @dataclass
@@ -41,3 +43,5 @@ class Sequence:
     on_output: Callable[[StepOutput], None]
     aborted: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
+    arrival: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # time.monotonic() after which the request ends (--request-timeout)

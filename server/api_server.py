@@ -2,11 +2,14 @@
 
 It owns no model logic. The engine loads in a background thread (GET /health is 503 until then);
 every request ends in exactly one of completed, aborted (client gone: the engine frees its KV within
-a step) or failed (an OpenAI-shaped error, never a bare 500 for bad input).
+a step) or failed (an OpenAI-shaped error, never a bare 500 for bad input). On SIGTERM/SIGINT the
+server drains: new requests get 503, running ones may finish within the shutdown timeout, the rest
+are aborted with a final chunk, then the process exits 0 (`serve`).
 """
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import logging
 import threading
@@ -14,23 +17,35 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
+from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.llm_engine import Engine, EngineConfig, QueueFull
+from engine.llm_engine import Engine, EngineConfig, EngineUnavailable, NoTokenizer, QueueFull
 from engine.sampling import SamplingParams
 from engine.sequence import Request as EngineRequest
 from engine.sequence import StepOutput
 
 from .metrics import Metrics
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+from .middleware import ApiKey, BodyLimit, RequestId
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 log = logging.getLogger("rattn.server")
+
+try:
+    VERSION = importlib.metadata.version("rattn")
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+    VERSION = "0.0.0+source"
+
+ERROR_TYPES = {503: "service_unavailable", 504: "timeout"}
 
 
 @dataclass
@@ -38,6 +53,14 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     served_model_name: str | None = None
     api_key: str | None = None
+    max_request_mb: float = 32.0        # request body limit (413 above it)
+    sse_keepalive: float = 15.0         # seconds between `: keep-alive` comments on a quiet stream
+    shutdown_timeout: float = 30.0      # on SIGTERM: how long running requests may still run
+    allowed_origins: list[str] = field(default_factory=list)  # CORS; empty: no CORS headers
+
+    def __post_init__(self):
+        if self.max_request_mb <= 0 or self.sse_keepalive <= 0 or self.shutdown_timeout < 0:
+            raise ValueError("max_request_mb and sse_keepalive must be > 0, shutdown_timeout >= 0")
 
     @property
     def model_name(self) -> str:
@@ -51,6 +74,8 @@ class State:
         self.load_error: str | None = None
         self.started = int(time.time())
         self.metrics = Metrics(lambda: self.engine)
+        self.draining = False   # SIGTERM seen: no new work
+        self.active = 0         # generations whose HTTP response has not ended
 
     def load(self):
         try:
@@ -60,6 +85,8 @@ class State:
             self.load_error = f"{type(e).__name__}: {e}"
 
     def require_engine(self) -> Engine:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", "service_unavailable")
         if self.engine is None:
             msg = f"model failed to load: {self.load_error}" if self.load_error else "the model is still loading"
             raise APIError(503, msg, "service_unavailable")
@@ -70,7 +97,8 @@ class State:
 class Generation:
     """Submits one engine request per choice and hands their outputs to the event loop, in order."""
 
-    def __init__(self, state: State, prompts: list[list[int]], sampling: SamplingParams, attention, n: int):
+    def __init__(self, state: State, prompts: list[list[int]], sampling: SamplingParams, attention, n: int,
+                 request_id: str):
         self.state, self.engine = state, state.require_engine()
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
@@ -79,37 +107,37 @@ class Generation:
         self.last: dict[int, float] = {}
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.completion_tokens = 0
-        base = uuid.uuid4().hex[:12]
         try:
             for i, (p, j) in enumerate((p, j) for p in prompts for j in range(n)):
                 # choice j of a seeded request gets seed + j: n samples, each reproducible
                 sp = sampling if sampling.seed is None or j == 0 else replace(sampling, seed=sampling.seed + j)
-                req = EngineRequest(p, sp, attention, f"{base}-{i}")
+                req = EngineRequest(p, sp, attention, f"{request_id}-{uuid.uuid4().hex[:8]}-{i}")
                 self.engine.submit(req, lambda o, i=i: self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, o)))
                 self.ids.append(req.request_id)
         except QueueFull as e:
             self.abort()
             raise APIError(429, str(e), "rate_limit_exceeded") from None
+        except EngineUnavailable as e:
+            self.abort()
+            raise APIError(503, str(e), "service_unavailable") from None
         except ValueError as e:
             self.abort()
             raise APIError(400, str(e), param="messages") from None
         self.pending = len(self.ids)
+        state.active += 1
 
     def abort(self):
         for rid in self.ids:
             self.engine.abort(rid)
 
     async def outputs(self, request: Request | None = None):
-        """Yield (choice index, StepOutput) until every choice has finished; abort if the client leaves."""
+        """Yield (choice index, StepOutput) until every choice has finished. With `request` (a plain,
+        non-streaming response) a watcher aborts the generation as soon as the client disconnects."""
         m = self.state.metrics
+        watcher = asyncio.create_task(self._abort_on_disconnect(request)) if request is not None else None
         try:
             while self.pending:
-                try:
-                    i, out = await asyncio.wait_for(self.queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if request is not None and await request.is_disconnected():
-                        self.abort()
-                    continue
+                i, out = await self.queue.get()
                 now = time.perf_counter()
                 if out.token is not None:
                     self.completion_tokens += 1
@@ -124,40 +152,44 @@ class Generation:
                     m.success.labels(finished_reason=out.finish_reason).inc()
                     m.e2e.observe(now - self.t0)
                     if out.finish_reason == "error":
-                        raise APIError(500, f"generation failed: {out.error}", "server_error")
+                        s = out.error_status
+                        raise APIError(s, f"generation failed: {out.error}", ERROR_TYPES.get(s, "server_error"))
                 yield i, out
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if self.pending:  # the consumer left (client gone): the engine drops these within a step
                 self.abort()
                 m.success.labels(finished_reason="abort").inc(self.pending)
                 self.pending = 0
+            self.state.active -= 1
+
+    async def _abort_on_disconnect(self, request: Request):
+        # the body has been read: the next ASGI message is the disconnect, whenever it comes
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.abort()
+
+    def aborted_response(self) -> Response:
+        """A plain response whose generation was aborted: by the server's shutdown (503), else the client
+        is gone and nobody reads it (499, nginx's 'client closed request')."""
+        if self.state.draining:
+            e = APIError(503, "the server shut down before this request finished", "service_unavailable")
+            return JSONResponse(e.body(), status_code=503)
+        return Response(status_code=499)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-async def _parse(request: Request, model):
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"malformed JSON body: {e}") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(x) for x in err.get("loc", ())) or None
-        raise APIError(400, f"{param}: {err.get('msg')}" if param else err.get("msg", "invalid request"),
-                       param=param) from None
-
-
 def _sampling(req, max_tokens: int, logprobs: int | None, engine: Engine) -> SamplingParams:
+    vocab = engine.shape.vocab_size
+    if req.top_k is not None and req.top_k > vocab:
+        raise APIError(400, f"top_k: must be at most the vocabulary size {vocab} (or -1/0 for off)", param="top_k")
     try:
         return SamplingParams(
             max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-            top_k=max(req.top_k or 0, 0), seed=req.seed, presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty, stop=req.stop or [], logprobs=logprobs,
-            ignore_eos=req.ignore_eos)
+            top_k=max(req.top_k or 0, 0), seed=None if req.seed is None else req.seed % 2**63,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, stop=req.stop or [],
+            logprobs=logprobs, ignore_eos=req.ignore_eos)
     except ValueError as e:
         raise APIError(400, str(e)) from None
 
@@ -165,20 +197,43 @@ def _sampling(req, max_tokens: int, logprobs: int | None, engine: Engine) -> Sam
 def _attention(req, engine: Engine):
     if req.attention is None:
         return None
+    over = req.attention.model_dump()
+    limit = engine.max_model_len
+    for name in ("top_k", "sink", "window", "query_stride"):
+        if over[name] is not None and over[name] > limit:
+            raise APIError(400, f"attention.{name}: must be at most {limit} (this model's context)",
+                           param=f"attention.{name}")
     try:
-        return engine.config.attention.override(**req.attention.model_dump())
+        return engine.config.attention.override(**over)
     except ValueError as e:
         raise APIError(400, str(e), param="attention") from None
 
 
-def _max_tokens(requested: int | None, prompt_len: int, engine: Engine) -> int:
+def _max_tokens(requested: int | None, name: str, prompt_len: int, engine: Engine) -> int:
+    limit = engine.max_model_len
     if requested is not None:
+        if requested > limit:
+            raise APIError(400, f"{name}: must be at most {limit} (this model's maximum context length); got "
+                                f"{requested}", param=name)
         return requested
-    left = engine.max_model_len - prompt_len
+    left = limit - prompt_len
     if left < 1:
-        raise APIError(400, f"this model's maximum context length is {engine.max_model_len} tokens; the prompt "
+        raise APIError(400, f"this model's maximum context length is {limit} tokens; the prompt "
                             f"has {prompt_len} tokens, leaving no room to generate", param="messages")
     return left
+
+
+async def _tokenize(fn, *args, param: str):
+    """Tokenisation and chat templating off the event loop; a model without a tokenizer, or a template
+    that rejects the conversation (jinja's TemplateError), is the client's 400."""
+    try:
+        return await run_in_threadpool(fn, *args)
+    except (ValueError, TypeError, TemplateError) as e:
+        raise APIError(400, f"{param}: {e}", param=param) from None
+
+
+def _messages(req) -> list[dict]:
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
 
 
 def _usage(prompt: int, completion: int) -> dict:
@@ -186,7 +241,8 @@ def _usage(prompt: int, completion: int) -> dict:
 
 
 def _token_text(engine: Engine, token: int) -> str:
-    return engine.tokenizer.decode([token])
+    # without a tokenizer, vLLM's spelling of a bare token id
+    return engine.tokenizer.decode([token]) if engine.tokenizer is not None else f"token_id:{token}"
 
 
 def _chat_logprobs(engine: Engine, out: StepOutput) -> dict:
@@ -199,12 +255,29 @@ def _chat_logprobs(engine: Engine, out: StepOutput) -> dict:
     return e
 
 
+def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
+    err = e.errors()[0]
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    msg = str(err.get("msg", "invalid request"))
+    return (f"{param}: {msg}" if param else msg), param
+
+
 # ---------------------------------------------------------------------------------------------- app
 def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
     state = State(cfg)
-    app = FastAPI(title="rattn", version="0.1.0",
+    app = FastAPI(title="rattn", version=VERSION,
                   description="OpenAI-compatible server for long-context LLMs with RetrievalAttention")
     app.state.rattn = state
+
+    # outermost last: the request id covers everything; CORS answers preflights before the key check
+    if cfg.api_key:
+        app.add_middleware(ApiKey, key=cfg.api_key)
+    app.add_middleware(BodyLimit, limit=int(cfg.max_request_mb * 2**20))
+    if cfg.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-Id"])
+    app.add_middleware(RequestId)
 
     @app.on_event("startup")
     async def _startup():
@@ -216,7 +289,7 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
     @app.on_event("shutdown")
     async def _shutdown():
         if state.engine is not None:
-            state.engine.shutdown()
+            await run_in_threadpool(state.engine.shutdown)
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
@@ -224,12 +297,14 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_, e: RequestValidationError):
-        return JSONResponse(APIError(400, str(e.errors()[0].get("msg"))).body(), status_code=400)
+        msg, param = _validation_message(e)
+        return JSONResponse(APIError(400, msg, param=param).body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(APIError(e.status_code, str(e.detail), kind).body(), status_code=e.status_code)
+        return JSONResponse(APIError(e.status_code, str(e.detail), kind).body(), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal(_, e: Exception):
@@ -237,25 +312,31 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
         return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", "server_error").body(),
                             status_code=500)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if cfg.api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {cfg.api_key}":
-                return JSONResponse(APIError(401, "invalid or missing API key", "authentication_error",
-                                             code="invalid_api_key").body(), status_code=401)
-        return await call_next(request)
-
-    def check_model(name: str):
-        if name != cfg.model_name:
+    def check_model(name: str | None):
+        if name is not None and name != cfg.model_name:
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{cfg.model_name}'",
                            "not_found_error", param="model", code="model_not_found")
 
+    def keepalive_stream(events) -> EventSourceResponse:
+        # a `: keep-alive` comment whenever the stream is quiet (queued, prefilling), for idle-timeout proxies
+        return EventSourceResponse(events, ping=cfg.sse_keepalive,
+                                   ping_message_factory=lambda: ServerSentEvent(comment="keep-alive"))
+
     @app.get("/health")
     async def health():
+        if state.draining:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
         if state.engine is None:
             return JSONResponse({"status": "error" if state.load_error else "loading", "error": state.load_error},
                                 status_code=503)
+        problem = state.engine.health()
+        if problem:
+            return JSONResponse({"status": "error", "error": problem}, status_code=503)
         return {"status": "ok"}
+
+    @app.get("/version")
+    async def version():
+        return {"version": VERSION}
 
     @app.get("/metrics")
     async def metrics():
@@ -274,20 +355,42 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
         check_model(model_id)
         return model_card()
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        req = await _parse(request, ChatCompletionRequest)
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
         check_model(req.model)
         engine = state.require_engine()
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        ids = engine.encode_chat(msgs)
-        mt = _max_tokens(req.max_completion_tokens or req.max_tokens, len(ids), engine)
+        if req.messages is not None:
+            ids = await _tokenize(engine.encode_chat, _messages(req), req.add_generation_prompt,
+                                  bool(req.add_special_tokens), param="messages")
+        else:
+            add = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = await _tokenize(engine.encode, req.prompt, add, param="prompt")
+        strs = [_token_text(engine, t) for t in ids] if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        check_model(req.model)
+        engine = state.require_engine()
+        if any(t >= engine.shape.vocab_size for t in req.tokens):
+            raise APIError(400, f"tokens: ids must be below the vocabulary size {engine.shape.vocab_size}",
+                           param="tokens")
+        return {"prompt": await _tokenize(engine.decode, req.tokens, param="tokens")}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, request: Request):
+        check_model(req.model)
+        engine = state.require_engine()
+        ids = await _tokenize(engine.encode_chat, _messages(req), param="messages")
+        name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        mt = _max_tokens(req.max_completion_tokens or req.max_tokens, name, len(ids), engine)
         lp = (req.top_logprobs or 0) if req.logprobs else None
-        gen = Generation(state, [ids], _sampling(req, mt, lp, engine), _attention(req, engine), req.n)
+        gen = Generation(state, [ids], _sampling(req, mt, lp, engine), _attention(req, engine), req.n,
+                         request.state.request_id)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": cfg.model_name}
         if req.stream:
-            return EventSourceResponse(_stream_chat(gen, head, req, engine, len(ids)), ping=15)
+            return keepalive_stream(_stream_chat(gen, head, req, engine, len(ids)))
         texts, reasons = [""] * req.n, [None] * req.n
         lps: list[list] = [[] for _ in range(req.n)]
         async for i, out in gen.outputs(request):
@@ -296,7 +399,7 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
                 lps[i].append(_chat_logprobs(engine, out))
             reasons[i] = out.finish_reason or reasons[i]
         if any(r == "abort" for r in reasons):
-            return Response(status_code=499)
+            return gen.aborted_response()
         choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                     "logprobs": {"content": lps[i]} if lp is not None else None, "finish_reason": reasons[i]}
                    for i in range(req.n)]
@@ -328,19 +431,23 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
         return _sse(events(), gen, chunk, prompt_len if include_usage else None)
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
-        req = await _parse(request, CompletionRequest)
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         engine = state.require_engine()
-        prompts = [p if isinstance(p, list) else engine.encode(p) for p in req.prompts()]
+        prompts = [p if isinstance(p, list) else await _tokenize(engine.encode, p, param="prompt")
+                   for p in req.prompts()]
+        if len(prompts) * req.n > engine.config.max_queue:
+            raise APIError(400, f"prompt: {len(prompts)} prompts x n={req.n} is more than the {engine.config.max_queue}"
+                                f" requests this server queues (--max-queue)", param="prompt")
         longest = max(len(p) for p in prompts)
-        mt = _max_tokens(req.max_tokens if req.max_tokens is not None else 16, longest, engine)
-        gen = Generation(state, prompts, _sampling(req, mt, req.logprobs, engine), _attention(req, engine), req.n)
+        mt = _max_tokens(req.max_tokens if req.max_tokens is not None else 16, "max_tokens", longest, engine)
+        gen = Generation(state, prompts, _sampling(req, mt, req.logprobs, engine), _attention(req, engine), req.n,
+                         request.state.request_id)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name}
         total = len(prompts) * req.n
         if req.stream:
-            return EventSourceResponse(_stream_completion(gen, head, req, engine), ping=15)
+            return keepalive_stream(_stream_completion(gen, head, req, engine))
         texts, reasons = [""] * total, [None] * total
         lps = [_empty_completion_logprobs() for _ in range(total)]
         async for i, out in gen.outputs(request):
@@ -349,7 +456,7 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
             texts[i] += out.text
             reasons[i] = out.finish_reason or reasons[i]
         if any(r == "abort" for r in reasons):
-            return Response(status_code=499)
+            return gen.aborted_response()
         choices = [{"index": i, "text": texts[i], "logprobs": lps[i] if req.logprobs is not None else None,
                     "finish_reason": reasons[i]} for i in range(total)]
         return {**head, "choices": choices, "usage": _usage(gen.prompt_tokens, gen.completion_tokens)}
@@ -401,3 +508,43 @@ def _add_completion_logprob(lp: dict, engine: Engine, out: StepOutput, offset: i
     lp["token_logprobs"].append(out.sample.logprob)
     lp["top_logprobs"].append({_token_text(engine, t): v for t, v in (out.sample.top or [])})
     lp["text_offset"].append(offset)
+
+
+# ---------------------------------------------------------------------------------------------- serving
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a graceful drain on the first SIGTERM/SIGINT: /health and new requests get 503,
+    running requests may finish within `shutdown_timeout`, the rest are aborted (each stream still gets
+    its final chunk and [DONE]), then uvicorn exits. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, state: State):
+        super().__init__(config)
+        self.state = state
+        self.drain_task: asyncio.Task | None = None
+
+    def handle_exit(self, sig, frame):
+        if self.drain_task is not None:  # second signal
+            self.should_exit = self.force_exit = True
+            return
+        self.state.draining = True
+        self.drain_task = asyncio.get_event_loop().create_task(self._drain())
+
+    async def _drain(self):
+        st, timeout = self.state, self.state.cfg.shutdown_timeout
+        eng = st.engine
+        log.info("shutting down: %d requests running or queued; waiting up to %g s", st.active, timeout)
+        deadline = time.monotonic() + timeout
+        while st.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if st.active and eng is not None:
+            log.info("shutdown timeout: aborting %d requests", st.active)
+            eng.abort_all()
+            end = time.monotonic() + 1.5  # their final chunks go out within a decode step
+            while st.active and time.monotonic() < end:
+                await asyncio.sleep(0.02)
+        self.should_exit = True
+
+
+def serve(cfg: ServerConfig, host: str, port: int):
+    app = create_app(cfg)
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, timeout_graceful_shutdown=2)
+    DrainingServer(config, app.state.rattn).run()

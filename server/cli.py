@@ -33,6 +33,9 @@ ENGINE_FLAGS = {
                                    "exactly (above 1: none)"),
     "max_model_len": (int, None, "context limit (default: the model's)"),
     "cpu_threads": (int, 0, "CPU threads of the retrieval step (0: all cores)"),
+    "request_timeout": (float, 0.0, "seconds a request may take from arrival to its last token (0: no limit); "
+                                    "past it, it ends with finish_reason 'length' (or a 504 before its first token)"),
+    "stall_timeout": (float, 120.0, "/health answers 503 when the engine makes no progress for this many seconds"),
 }
 SERVE_FLAGS = {
     "host": (str, "127.0.0.1", "address to listen on"),
@@ -40,6 +43,11 @@ SERVE_FLAGS = {
     "api_key": (str, None, "require 'Authorization: Bearer KEY' on /v1 routes"),
     "max_queue": (int, 64, "requests waiting for the engine before 429"),
     "served_model_name": (str, None, "model id clients send (default: --model)"),
+    "max_request_mb": (float, 32.0, "request body limit in MiB (413 above it)"),
+    "sse_keepalive": (float, 15.0, "seconds between ': keep-alive' comments on a quiet stream (queued, prefilling)"),
+    "shutdown_timeout": (float, 30.0, "on SIGTERM/SIGINT: seconds running requests may still run before they are "
+                                      "aborted"),
+    "allowed_origins": (str, None, "CORS: comma-separated origins allowed to call the API from a browser ('*': any)"),
 }
 
 
@@ -95,17 +103,19 @@ def engine_config(a: dict):
     att = att.override(ef=a["ef"], degree=a["graph_degree"], knn=a["graph_knn"])
     return EngineConfig(model=a["model"], load_format=a["load_format"], device=a["device"], dtype=a["dtype"],
                         attention=att, max_model_len=a["max_model_len"], max_queue=a.get("max_queue", 64),
-                        cpu_threads=a["cpu_threads"])
+                        cpu_threads=a["cpu_threads"], request_timeout=a["request_timeout"],
+                        stall_timeout=a["stall_timeout"])
 
 
 def cmd_serve(ns):
-    import uvicorn
-
-    from server.api_server import ServerConfig, create_app
+    from server.api_server import ServerConfig, serve
 
     a = resolve_args(ns, {**ENGINE_FLAGS, **SERVE_FLAGS})
-    cfg = ServerConfig(engine=engine_config(a), served_model_name=a["served_model_name"], api_key=a["api_key"])
-    uvicorn.run(create_app(cfg), host=a["host"], port=a["port"], log_level="info")
+    origins = [o.strip() for o in (a["allowed_origins"] or "").split(",") if o.strip()]
+    cfg = ServerConfig(engine=engine_config(a), served_model_name=a["served_model_name"], api_key=a["api_key"],
+                       max_request_mb=a["max_request_mb"], sse_keepalive=a["sse_keepalive"],
+                       shutdown_timeout=a["shutdown_timeout"], allowed_origins=origins)
+    serve(cfg, a["host"], a["port"])
 
 
 def cmd_generate(ns):
@@ -163,7 +173,9 @@ def main(argv=None):
         from bench.accuracy import main as accuracy_main
 
         return accuracy_main(ns.rest)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from engine.logging_context import configure
+
+    configure(logging.INFO)
     try:
         {"serve": cmd_serve, "generate": cmd_generate}[ns.cmd](ns)
     except (ValueError, OSError) as e:

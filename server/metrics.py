@@ -28,10 +28,19 @@ class Metrics:
         self.retrieval = Histogram("rattn:retrieval_seconds", "One layer's CPU lookups + partial attention",
                                    registry=r, buckets=FINE_BUCKETS)
         self.cpu_kv = Gauge("rattn:cpu_kv_bytes", "Bytes of offloaded K/V and indexes in CPU memory", registry=r)
+        self.prefill_progress = Gauge("rattn:prefill_progress", "Share of the running prefill's layers done "
+                                      "(0 when none runs)", registry=r)
+        self.queue_time = Histogram("rattn:request_queue_time_seconds", "Time a request waited for the engine",
+                                    registry=r, buckets=LATENCY_BUCKETS)
+        self.prefill_time = Histogram("rattn:request_prefill_time_seconds", "Prefill of a request, index builds "
+                                      "included, until its first token", registry=r, buckets=LATENCY_BUCKETS)
+        self.decode_time = Histogram("rattn:request_decode_time_seconds", "First token to last of a request",
+                                     registry=r, buckets=LATENCY_BUCKETS)
         # read live on scrape, so they are never stale
         self.running.set_function(lambda: engine_state().num_running if engine_state() else 0)
         self.waiting.set_function(lambda: engine_state().num_waiting if engine_state() else 0)
         self.cpu_kv.set_function(lambda: engine_state().cpu_kv_bytes() if engine_state() else 0)
+        self.prefill_progress.set_function(lambda: engine_state().prefill_done if engine_state() else 0)
 
     # EngineObserver
     def on_prefill(self, stats) -> None:
@@ -42,3 +51,8 @@ class Metrics:
     def on_decode_step(self, seconds: float, retrieval_seconds_per_layer: float) -> None:
         if retrieval_seconds_per_layer > 0:
             self.retrieval.observe(retrieval_seconds_per_layer)
+
+    def on_request_done(self, times) -> None:
+        self.queue_time.observe(times.queue_s)
+        self.prefill_time.observe(times.prefill_s)
+        self.decode_time.observe(times.decode_s)

@@ -1,7 +1,7 @@
 """OpenAI protocol models (requests validated here, at the edge) and our `attention` extension."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -18,24 +18,31 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+INT64 = 2**63 - 1
+MAX_STOP_CHARS = 1024  # each stop string: longer ones are never a real stop and cost a hold-back per token
+
+
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown fields are ignored, as OpenAI-compatible servers do
+    # unknown fields are ignored, as OpenAI-compatible servers do; NaN and infinities are not numbers here
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class AttentionOverride(_Lenient):
-    """rattn extension: attention settings for one request."""
+    """rattn extension: attention settings for one request. Token counts (top_k, sink, window,
+    query_stride) are also bounded by the model's context, in the route that knows it."""
 
     mode: Literal["full", "streaming", "flat", "hnsw", "retrieval"] | None = None
-    top_k: int | None = Field(None, ge=1, le=100_000)
-    sink: int | None = Field(None, ge=0, le=1_000_000)
-    window: int | None = Field(None, ge=1, le=1_000_000)
-    ef: int | None = Field(None, ge=1, le=100_000)  # index search list size
-    # graph index build (the request's own index is built after its prefill)
-    degree: int | None = Field(None, ge=3, le=256)
-    knn: int | None = Field(None, ge=2, le=1024)
-    max_queries: int | None = Field(None, ge=1, le=100_000)
-    query_stride: int | None = Field(None, ge=1, le=1_000_000)
-    copy_threshold: float | None = Field(None, ge=0)  # retrieval: copying heads at or above it scan exactly
+    top_k: int | None = Field(None, ge=1, le=2**20)
+    sink: int | None = Field(None, ge=0, le=2**24)
+    window: int | None = Field(None, ge=1, le=2**24)
+    ef: int | None = Field(None, ge=1, le=4096)  # index search list size
+    # graph index build (the request's own index is built after its prefill). The bounds keep one request's
+    # graph memory and build work within a few times the defaults'.
+    degree: int | None = Field(None, ge=3, le=64)
+    knn: int | None = Field(None, ge=2, le=256)
+    max_queries: int | None = Field(None, ge=1, le=8192)
+    query_stride: int | None = Field(None, ge=1, le=2**24)
+    copy_threshold: float | None = Field(None, ge=0, le=1e6)  # retrieval: copying heads at or above it scan exactly
 
 
 class StreamOptions(_Lenient):
@@ -44,11 +51,11 @@ class StreamOptions(_Lenient):
 
 class _Sampling(_Lenient):
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT64)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    seed: int | None = None
+    top_k: int | None = Field(None, ge=-1, le=INT64)  # also at most the vocabulary (checked in the route)
+    seed: int | None = Field(None, ge=-INT64 - 1, le=INT64)
     stop: str | list[str] | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -72,6 +79,8 @@ class _Sampling(_Lenient):
             raise ValueError("at most 4 stop sequences")
         if any(not s for s in v):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in v):
+            raise ValueError(f"each stop sequence must be at most {MAX_STOP_CHARS} characters")
         return v
 
     @model_validator(mode="after")
@@ -102,7 +111,7 @@ class ChatMessage(_Lenient):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list | None = None
@@ -120,7 +129,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[Annotated[int, Field(ge=0, le=INT64)]]
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
@@ -142,3 +151,25 @@ class CompletionRequest(_Sampling):
         if all(isinstance(p, int) for p in self.prompt):
             return [list(self.prompt)]
         return list(self.prompt)
+
+
+class TokenizeRequest(_Lenient):
+    """vLLM's /tokenize: a `prompt` string or chat `messages` (with the chat template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None      # default: true for a prompt, false for messages
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Lenient):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0, le=INT64)]]
