@@ -69,8 +69,9 @@ class SequenceKV:
         if self.full:
             self.S, self.C, self.W = 0, _round_up(min(max(total_len, 1), FULL_CHUNK), B), total_len
         else:
-            self.W = min(cfg.window, max(total_len, 1))
-            self.S, self.C = min(cfg.sink, total_len), _round_up(self.W + B, B)
+            self.S = min(cfg.sink, total_len)
+            self.W = min(cfg.window, max(total_len - self.S, 1))
+            self.C = _round_up(self.W + B, B)
         n = self.S + self.C
         # The static part of the partial modes is small (sink + window), so it is kept in float32: its
         # scores then never round to bf16 before the softmax. `full` keeps the model dtype and uses SDPA.
@@ -191,8 +192,9 @@ class SequenceKV:
         k = torch.zeros(L, G, C, d, device=self.device, dtype=self.k.dtype)
         v = torch.zeros_like(k)
         bias = torch.full((C,), float("-inf"), device=self.device)
-        k[:, :, : self.C], v[:, :, : self.C], bias[: self.C] = self.k, self.v, self.bias
-        self.k, self.v, self.bias, self.C = k, v, bias, C
+        ring_tok = np.zeros(C, np.int64)
+        k[:, :, : self.C], v[:, :, : self.C], bias[: self.C], ring_tok[: self.C] = self.k, self.v, self.bias, self.ring_tok
+        self.k, self.v, self.bias, self.ring_tok, self.C = k, v, bias, ring_tok, C
 
     def _evict_block(self):
         B = self.cfg.evict_block

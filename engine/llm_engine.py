@@ -247,8 +247,8 @@ class Engine:
                     request_id.reset(ctx)
                     self.current = self.current_kv = None
                     self.prefill_done = 0.0
-                    with self._lock:
-                        self._seqs.pop(seq.request.request_id, None)
+                with self._lock:  # ended; a fatal error skips this, so the request gets its error below
+                    self._seqs.pop(seq.request.request_id, None)
         except BaseException as e:
             self.dead = f"{type(e).__name__}: {e}"
             log.critical("the engine thread ended: %s", self.dead, exc_info=True)
