@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 
 import uvicorn
@@ -266,7 +267,18 @@ def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
 # ---------------------------------------------------------------------------------------------- app
 def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
     state = State(cfg)
-    app = FastAPI(title="rattn", version=VERSION,
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        if load_in_background:
+            threading.Thread(target=state.load, name="rattn-load", daemon=True).start()
+        else:
+            state.load()
+        yield
+        if state.engine is not None:
+            await run_in_threadpool(state.engine.shutdown)
+
+    app = FastAPI(title="rattn", version=VERSION, lifespan=lifespan,
                   description="OpenAI-compatible server for long-context LLMs with RetrievalAttention")
     app.state.rattn = state
 
@@ -278,18 +290,6 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=cfg.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-Id"])
     app.add_middleware(RequestId)
-
-    @app.on_event("startup")
-    async def _startup():
-        if load_in_background:
-            threading.Thread(target=state.load, name="rattn-load", daemon=True).start()
-        else:
-            state.load()
-
-    @app.on_event("shutdown")
-    async def _shutdown():
-        if state.engine is not None:
-            await run_in_threadpool(state.engine.shutdown)
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
