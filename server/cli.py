@@ -43,7 +43,7 @@ SERVE_FLAGS = {
     "api_key": (str, None, "require 'Authorization: Bearer KEY' on /v1 routes"),
     "max_queue": (int, 64, "requests waiting for the engine before 429"),
     "served_model_name": (str, None, "model id clients send (default: --model)"),
-    "max_request_mb": (float, 32.0, "request body limit in MiB (413 above it)"),
+    "max_request_mb": (float, 8.0, "request body limit in MiB (413 above it; a 1M-token prompt is ~4 MiB of text)"),
     "sse_keepalive": (float, 15.0, "seconds between ': keep-alive' comments on a quiet stream (queued, prefilling)"),
     "shutdown_timeout": (float, 30.0, "on SIGTERM/SIGINT: seconds running requests may still run before they are "
                                       "aborted"),

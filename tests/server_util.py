@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 
@@ -15,27 +16,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
-def live_server(*args: str, timeout: float = 180):
+def server_log(proc: subprocess.Popen) -> str:
+    with open(proc.log_path) as f:
+        return f.read()
+
+
+def start_server(*args: str, timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """A `rattn serve` process on a free port, healthy; the caller stops it."""
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--device", "cpu", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    # the log goes to a file, never a pipe that nobody drains (a full pipe would block the server)
+    log = tempfile.NamedTemporaryFile("w+", prefix="rattn-server-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc.log_path = log.name
     base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited:\n" + server_log(proc))
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise TimeoutError("server did not become healthy")
+        time.sleep(0.5)
+
+
+@contextmanager
+def live_server(*args: str, timeout: float = 180):
+    proc, base = start_server(*args, timeout=timeout)
     try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("server exited:\n" + proc.stdout.read())
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise TimeoutError("server did not become healthy")
-            time.sleep(0.5)
         yield base
     finally:
         proc.terminate()
