@@ -282,6 +282,18 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
     app = FastAPI(title="rattn", version=VERSION, lifespan=lifespan,
                   description="OpenAI-compatible server for long-context LLMs with RetrievalAttention")
     app.state.rattn = state
+    generated_openapi = app.openapi
+
+    def openapi() -> dict:
+        """The schema names the one model served, so that clients and fuzzers see which `model` is valid."""
+        schema = generated_openapi()
+        for props in (c.get("properties", {}) for c in schema["components"]["schemas"].values()):
+            if "model" in props:
+                enum = {"type": "string", "enum": [cfg.model_name]}
+                props["model"] = enum if "type" in props["model"] else {"anyOf": [enum, {"type": "null"}]}
+        return schema
+
+    app.openapi = openapi
 
     # outermost last: the request id covers everything; CORS answers preflights before the key check
     if cfg.api_key:
