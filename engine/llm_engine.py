@@ -303,14 +303,13 @@ class Engine:
         t_start = time.monotonic()
         t_first: float | None = None
 
-        def emit(token, text, sample=None, finish=None, error=None, status=500):
-            self._emit(seq, StepOutput(req.request_id, token, text, sample, finish, error, N, len(seq.generated),
-                                       error_status=status))
+        def emit(token, text, sample=None, finish=None, error=None):
+            self._emit(seq, StepOutput(req.request_id, token, text, sample, finish, error, N, len(seq.generated)))
 
-        def timed_out():
-            emit(None, "", finish="error", status=504,
-                 error=f"the request timed out after {self.config.request_timeout:g} s (--request-timeout) "
-                       f"before its first token")
+        def timed_out():  # out of time before its first token: ended like one out of tokens, with none
+            log.info("request %s: --request-timeout (%g s) reached before its first token", req.request_id,
+                     self.config.request_timeout)
+            emit(None, "", finish="length")
 
         reason = self._stop_reason(seq)
         if reason:
@@ -335,7 +334,7 @@ class Engine:
             for i in range(sp.max_tokens):
                 self.progress_at = time.monotonic()
                 reason = self._stop_reason(seq)
-                if reason:  # a request out of time ends as if it had reached its max_tokens
+                if reason:  # a request out of time ends as if it had reached its max_tokens (--request-timeout)
                     emit(None, detok.flush() if detok else "", finish="abort" if reason == "abort" else "length")
                     return
                 res = sampler(logits)

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
@@ -39,7 +42,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below this a temperature only overflows the scaled logits (vLLM draws the same line)
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Sampler:
                 sx, si = torch.sort(x, descending=True)
                 cum = torch.softmax(sx, -1).cumsum(-1)
                 drop = cum - torch.softmax(sx, -1) >= p.top_p  # keep the smallest prefix reaching top_p
+                drop[0] = False  # and never less than the top token (a top_p that rounds to 0 in float32)
                 x = x.masked_fill(torch.zeros_like(drop).scatter(0, si, drop), float("-inf"))
             token = int(torch.multinomial(torch.softmax(x, -1), 1, generator=self.gen))
         if self.counts is not None:

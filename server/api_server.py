@@ -47,7 +47,7 @@ try:
 except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
     VERSION = "0.0.0+source"
 
-ERROR_TYPES = {503: "service_unavailable", 504: "timeout"}
+ERROR_TYPES = {503: "service_unavailable"}
 
 
 @dataclass

@@ -34,7 +34,7 @@ ENGINE_FLAGS = {
     "max_model_len": (int, None, "context limit (default: the model's)"),
     "cpu_threads": (int, 0, "CPU threads of the retrieval step (0: all cores)"),
     "request_timeout": (float, 0.0, "seconds a request may take from arrival to its last token (0: no limit); "
-                                    "past it, it ends with finish_reason 'length' (or a 504 before its first token)"),
+                                    "past it, it ends with finish_reason 'length', even before its first token"),
     "stall_timeout": (float, 120.0, "/health answers 503 when the engine makes no progress for this many seconds"),
 }
 SERVE_FLAGS = {

@@ -95,3 +95,14 @@ def test_detokenizer_holds_back_a_partial_stop_string(engine):
         if stopped:
             break
     assert stopped and out == "alpha beta"
+
+
+def test_extreme_but_valid_top_p_and_temperature_still_sample():
+    import torch
+
+    from engine.sampling import Sampler
+
+    logits = torch.randn(1000) * 3
+    for kw in (dict(top_p=5e-324), dict(temperature=1e-300), dict(temperature=1e-300, top_p=1e-9)):
+        token = Sampler(SamplingParams(**kw, seed=0), 1000, torch.device("cpu"))(logits).token
+        assert token == int(torch.argmax(logits)), kw  # both collapse to the top token
