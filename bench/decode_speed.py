@@ -43,7 +43,26 @@ def sync(dev: torch.device):
         torch.cuda.synchronize(dev)
 
 
-def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int) -> dict:
+def profile_steps(engine: Engine, kv: SequenceKV, tokens: list[int], pos: int, top_k: int, n: int) -> dict:
+    """n more decode steps under torch.profiler: the device's busy time per step (kernels and copies),
+    launches per step and the costliest kernels, so that host overhead shows as step time minus the rest."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(n):
+            logits = engine.runner.decode(tokens[-1], pos + i, kv, top_k)
+            tokens.append(int(torch.argmax(logits)))
+    dev = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    busy_us = sum(e.self_device_time_total for e in dev)
+    top = sorted(dev, key=lambda e: -e.self_device_time_total)[:8]
+    return {"steps": n, "device_busy_ms_per_step": round(busy_us / n / 1e3, 3),
+            "device_ops_per_step": round(sum(e.count for e in dev) / n, 1),
+            "top_device_ops": [{"name": e.key[:80], "ms_per_step": round(e.self_device_time_total / n / 1e3, 3),
+                                "calls_per_step": round(e.count / n, 1)} for e in top]}
+
+
+def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int, profile: int = 0) -> dict:
     dev = engine.device
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -56,15 +75,22 @@ def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int) -
         logits, stats = engine.runner.prefill(ids, kv)
         sync(dev)
         ttft = time.perf_counter() - t0
-        tokens, lat, retr = [int(torch.argmax(logits))], [], []
+        tokens, lat, retr, host, wait = [int(torch.argmax(logits))], [], [], [], []
         for i in range(steps):
             t = time.perf_counter()
             logits = engine.runner.decode(tokens[-1], len(ids) + i, kv, att.top_k)
+            host.append(time.perf_counter() - t)  # the host's part: launches, CPU retrieval, waits inside
             tokens.append(int(torch.argmax(logits)))  # syncs: the step is complete
             lat.append(time.perf_counter() - t)
             retr.append(kv.take_retrieval_seconds())
+            wait.append(kv.take_wait_seconds())
         warm = lat[2:] if len(lat) > 4 else lat  # first steps include lazy allocations / JIT loads
         lat_sorted = sorted(warm)
+
+        def med_ms(xs):
+            return round(1e3 * statistics.median(xs[2:] if len(xs) > 4 else xs), 3)
+
+        n_cpu = sum(1 for st in kv.stores or [] if st.n > 0)
         out = {
             "mode": att.mode, "top_k": att.top_k, "status": "ok", "prompt_tokens": len(ids),
             "copy_threshold": att.copy_threshold, "exact_heads": int(sum(s.exact.sum() for s in kv.stores or [])),
@@ -74,8 +100,18 @@ def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int) -
             "decode_ms_median": round(1e3 * statistics.median(warm), 3),
             "decode_ms_p90": round(1e3 * lat_sorted[int(0.9 * (len(lat_sorted) - 1))], 3),
             "retrieval_ms_per_layer_median": round(1e3 * statistics.median(retr[2:] or retr), 4),
+            # the split of a step: the host returns from decode() after host_ms (CPU retrieval and waits for
+            # the device included); the rest of the step is the device finishing what was queued
+            "split": {"host_ms": med_ms(host), "cpu_retrieval_ms": round(med_ms(retr) * n_cpu, 3),
+                      "host_wait_for_device_ms": med_ms(wait), "device_tail_ms": round(med_ms(lat) - med_ms(host), 3),
+                      "layers_with_cpu_part": n_cpu},
             "cpu_store_bytes": kv.cpu_bytes(), "tokens": tokens,
         }
+        if profile and dev.type == "cuda":
+            try:
+                out["profile"] = profile_steps(engine, kv, tokens, len(ids) + steps, att.top_k, profile)
+            except Exception as e:  # a profiler problem must not cost the run's other figures
+                out["profile"] = {"error": f"{type(e).__name__}: {e}"}
         if dev.type == "cuda":
             out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
         return out
@@ -105,6 +141,8 @@ def main(argv=None):
     ap.add_argument("--gpu-mem-gb", type=float, default=None, help="cap GPU memory (24: an RTX 4090)")
     ap.add_argument("--check-exact", action=argparse.BooleanOptionalAction, default=True,
                     help="also run flat with top_k = all and compare its greedy tokens with full")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="CUDA: this many more steps per mode under torch.profiler (device busy time, top kernels)")
     ap.add_argument("--out", default="bench/results/decode_speed.json")
     a = ap.parse_args(argv)
 
@@ -123,7 +161,7 @@ def main(argv=None):
         for ct in [float(x) for x in a.copy_thresholds.split(",")] if retrieval else [0.1]:
             for graph in variants if retrieval else [{}]:
                 att = AttentionConfig(mode=mode, top_k=a.top_k, copy_threshold=ct).override(**graph)
-                r = run_mode(engine, ids, att, a.steps)
+                r = run_mode(engine, ids, att, a.steps, a.profile_steps)
                 if retrieval:
                     r["graph"] = {"ef": att.index.ef, "degree": att.index.degree, "knn": att.index.knn,
                                   "queries_per_head": att.graph_queries(len(ids))}

@@ -29,13 +29,16 @@ class IncrementalDetokenizer:
     def add(self, token: int) -> tuple[str, bool]:
         """Feed one token -> (text now safe to emit, whether a stop string ended the output)."""
         self.ids.append(token)
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
-        if after.endswith("\ufffd") and len(self.ids) - self.read < MAX_PENDING:
-            return "", False
+        upto = len(self.ids)
+        after = self._decode(self.ids[self.prefix:upto])
+        if after.endswith("\ufffd"):
+            if upto - self.read < MAX_PENDING:
+                return "", False
+            # what lies before the last MAX_PENDING - 1 tokens can no longer join a character: release it
+            upto -= MAX_PENDING - 1
+            after = self._decode(self.ids[self.prefix:upto])
         start = max(0, len(self.text) - self.hold)
-        self.text += after[len(before):]
-        self.prefix, self.read = self.read, len(self.ids)
+        self._advance(after, upto)
         if self.stop:
             hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
             if hits:
@@ -45,8 +48,17 @@ class IncrementalDetokenizer:
         return self._release(len(self.text)), False
 
     def flush(self) -> str:
-        """At the end of generation: whatever was held back (no stop string completed)."""
+        """At the end of generation: whatever was held back (no stop string completed), incomplete
+        characters included."""
+        if self.read < len(self.ids):
+            self._advance(self._decode(self.ids[self.prefix:]), len(self.ids))
         return self._release(len(self.text))
+
+    def _advance(self, after: str, upto: int):
+        """Append the text of ids[read:upto], given `after`, the decode of ids[prefix:upto]."""
+        before = self._decode(self.ids[self.prefix:self.read])
+        self.text += after[len(before):]
+        self.prefix, self.read = self.read, upto
 
     def _release(self, upto: int) -> str:
         out = self.text[self.emitted:upto]

@@ -8,6 +8,7 @@ the same buffer with no sink and a ring large enough for the whole request, so i
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import Executor, Future
 from dataclasses import replace
@@ -15,6 +16,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from index import OffloadedStore, graph_knn
 
@@ -22,6 +24,9 @@ from .attention import AttentionConfig, merge_partial_attention, partial_attenti
 from .model import ModelShape
 
 
+# `full` decode on CUDA: SDPA's default picks cuDNN, which plans anew for every K/V length, i.e. every
+# step (H200, 128K, one layer: ~40 ms by default, 1.7 ms forced cuDNN, 0.18 ms flash; bench/attention_kernels.py)
+_DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 FULL_CHUNK = 4096  # `full` mode's device buffer grows by at least this many slots at a time
 
 
@@ -69,8 +74,7 @@ class SequenceKV:
         if self.full:
             self.S, self.C, self.W = 0, _round_up(min(max(total_len, 1), FULL_CHUNK), B), total_len
         else:
-            self.S = min(cfg.sink, total_len)
-            self.W = min(cfg.window, max(total_len - self.S, 1))
+            self.S, self.W = min(cfg.sink, total_len), min(cfg.window, max(total_len, 1))
             self.C = _round_up(self.W + B, B)
         n = self.S + self.C
         # The static part of the partial modes is small (sink + window), so it is kept in float32: its
@@ -106,7 +110,7 @@ class SequenceKV:
         self.evict_k = torch.empty(L, G, B, d, dtype=torch.float32, pin_memory=pin) if kind else None
         self.evict_v = torch.empty_like(self.evict_k) if kind else None
         self.split = (0, 0, 0)
-        self._retrieval_s = 0.0
+        self._retrieval_s = self._wait_s = 0.0
         self._retrieval_calls = 0
 
     # ------------------------------------------------------------------ prefill
@@ -222,7 +226,9 @@ class SequenceKV:
             # every slot up to hi is valid. The query heads of a KV group go in as that group's "sequence"
             # (one position, no mask), so SDPA's fused kernels read each K/V once; softmax in float32 inside.
             G, d = self.k.shape[1], q.shape[-1]
-            o = F.scaled_dot_product_attention(q.view(1, G, -1, d), self.k[None, l, :, :hi], self.v[None, l, :, :hi])
+            with sdpa_kernel(_DECODE_BACKENDS) if q.is_cuda else contextlib.nullcontext():
+                o = F.scaled_dot_product_attention(q.view(1, G, -1, d), self.k[None, l, :, :hi],
+                                                   self.v[None, l, :, :hi])
             return o.view(-1, d)
         store = self.stores[l] if self.stores is not None else None
         on_cpu = store is not None and store.n > 0
@@ -235,11 +241,13 @@ class SequenceKV:
         o_w, m_w, s_w = partial_attention(qf, self.k[l, :, :hi], self.v[l, :, :hi], self.bias[:hi], self.scale)
         if not on_cpu:
             return o_w.to(q.dtype)
+        t = time.perf_counter()
         if self.q_ready is not None:
             self.q_ready.synchronize()
-        t = time.perf_counter()
+        t1 = time.perf_counter()
         store.attend(self._q_np, top_k, self.scale, self._o_np, self._ms_np[0], self._ms_np[1], self.cur_occ)
-        self._retrieval_s += time.perf_counter() - t
+        self._wait_s += t1 - t
+        self._retrieval_s += time.perf_counter() - t1
         self._retrieval_calls += 1
         self.o_dev.copy_(self.o_host, non_blocking=True)
         self.ms_dev.copy_(self.ms_host, non_blocking=True)
@@ -251,6 +259,11 @@ class SequenceKV:
         calls, secs = self._retrieval_calls, self._retrieval_s
         self._retrieval_s, self._retrieval_calls = 0.0, 0
         return secs / calls if calls else 0.0
+
+    def take_wait_seconds(self) -> float:
+        """Seconds the host waited for the device (each layer's query copy) since the last call."""
+        secs, self._wait_s = self._wait_s, 0.0
+        return secs
 
     def build_seconds(self) -> float:
         return sum(s.build_seconds for s in self.stores) if self.stores is not None else 0.0

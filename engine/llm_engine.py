@@ -132,6 +132,9 @@ class Engine:
     def decode(self, ids: list[int]) -> str:
         return self._tok().decode(ids)
 
+    def token_strs(self, ids: list[int]) -> list[str]:
+        return self._tok().convert_ids_to_tokens(ids)
+
     def _tok(self):
         if self.tokenizer is None:
             raise NoTokenizer("this model has no tokenizer (--load-format dummy): send token ids, not text")
@@ -311,9 +314,11 @@ class Engine:
                      self.config.request_timeout)
             emit(None, "", finish="length")
 
-        reason = self._stop_reason(seq)
-        if reason:
-            emit(None, "", finish="abort") if reason == "abort" else timed_out()
+        def ended_early():
+            emit(None, "", finish="abort") if self._stop_reason(seq) == "abort" else timed_out()
+
+        if self._stop_reason(seq):
+            ended_early()
             return
         try:
             kv = SequenceKV(self.shape, seq.attention, N + sp.max_tokens, self.device, self.model.dtype,
@@ -322,7 +327,7 @@ class Engine:
             try:
                 logits, stats = self.runner.prefill(ids, kv, on_layer=self._prefill_progress(seq, N))
             except _Stop:
-                emit(None, "", finish="abort") if self._stop_reason(seq) == "abort" else timed_out()
+                ended_early()
                 return
             self.prefill_done = 0.0
             if self.observer:

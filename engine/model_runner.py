@@ -57,8 +57,8 @@ class ModelRunner:
     def prefill(self, ids: list[int], kv: SequenceKV, capture=None,
                 on_layer: Callable[[int], None] | None = None) -> tuple[torch.Tensor, PrefillStats]:
         """-> logits (V,) float32 of the last prompt position. `capture(l, start, q, k)`, if given, sees
-        every chunk's roped queries and keys (benchmarks dump them). `on_layer(l)` runs after each layer
-        (progress; it may raise to end the prefill early)."""
+        every chunk's roped queries and keys (benchmarks dump them). `on_layer(l)` runs after each layer,
+        and every 0.2 s while index builds finish (progress; it may raise to end the prefill early)."""
         logits, stats = self.prefill_many(ids, [kv], capture, on_layer)
         return logits, stats[0]
 
@@ -116,8 +116,13 @@ class ModelRunner:
                 on_layer(l)
         logits = m.logits(h[-1])
         t1 = time.perf_counter()
-        for f in futures:
-            f.result()  # a failed build fails the request
+        pending = futures
+        while pending:  # a failed build fails the request; the wait keeps the heartbeat and can be stopped
+            done, pending = wait(pending, timeout=0.2)
+            for f in done:
+                f.result()
+            if pending and on_layer is not None:
+                on_layer(s.n_layers - 1)
         t2 = time.perf_counter()
         return logits, [PrefillStats(N, t1 - t0, t2 - t1, kv.build_seconds(), kv.offloaded_tokens()) for kv in kvs]
 

@@ -100,7 +100,7 @@ class Generation:
     """Submits one engine request per choice and hands their outputs to the event loop, in order."""
 
     def __init__(self, state: State, prompts: list[list[int]], sampling: SamplingParams, attention, n: int,
-                 request_id: str):
+                 request_id: str, param: str):
         self.state, self.engine = state, state.require_engine()
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
@@ -124,8 +124,9 @@ class Generation:
             raise APIError(503, str(e), "service_unavailable") from None
         except ValueError as e:
             self.abort()
-            raise APIError(400, str(e), param="messages") from None
+            raise APIError(400, str(e), param=param) from None
         self.pending = len(self.ids)
+        self.closed = False
         state.active += 1
 
     def abort(self):
@@ -136,10 +137,14 @@ class Generation:
         """Yield (choice index, StepOutput) until every choice has finished. With `request` (a plain,
         non-streaming response) a watcher aborts the generation as soon as the client disconnects."""
         m = self.state.metrics
-        watcher = asyncio.create_task(self._abort_on_disconnect(request)) if request is not None else None
+        watchers = [asyncio.create_task(self._fail_if_engine_stops())]
+        if request is not None:
+            watchers.append(asyncio.create_task(self._abort_on_disconnect(request)))
         try:
             while self.pending:
                 i, out = await self.queue.get()
+                if out is None:  # from _fail_if_engine_stops
+                    raise APIError(503, f"the engine stopped serving: {self.engine.health()}", "service_unavailable")
                 now = time.perf_counter()
                 if out.token is not None:
                     self.completion_tokens += 1
@@ -158,19 +163,32 @@ class Generation:
                         raise APIError(s, f"generation failed: {out.error}", ERROR_TYPES.get(s, "server_error"))
                 yield i, out
         finally:
-            if watcher is not None:
-                watcher.cancel()
-            if self.pending:  # the consumer left (client gone): the engine drops these within a step
-                self.abort()
-                m.success.labels(finished_reason="abort").inc(self.pending)
-                self.pending = 0
-            self.state.active -= 1
+            for w in watchers:
+                w.cancel()
+            self.close()
+
+    def close(self):
+        """End of the HTTP side (idempotent): what has not finished is aborted; the engine drops it within a step."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.pending:
+            self.abort()
+            self.state.metrics.success.labels(finished_reason="abort").inc(self.pending)
+            self.pending = 0
+        self.state.active -= 1
 
     async def _abort_on_disconnect(self, request: Request):
         # the body has been read: the next ASGI message is the disconnect, whenever it comes
         while (await request.receive())["type"] != "http.disconnect":
             pass
         self.abort()
+
+    async def _fail_if_engine_stops(self):
+        # an engine thread that ended or stalls never sends the final outputs: fail instead of hanging
+        while not self.engine.health():
+            await asyncio.sleep(1.0)
+        self.queue.put_nowait((-1, None))
 
     def aborted_response(self) -> Response:
         """A plain response whose generation was aborted: by the server's shutdown (503), else the client
@@ -316,14 +334,8 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(APIError(e.status_code, str(e.detail), kind).body(), status_code=e.status_code,
-                            headers=getattr(e, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _internal(_, e: Exception):
-        log.exception("unhandled error")
-        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", "server_error").body(),
-                            status_code=500)
+        return JSONResponse(APIError(e.status_code, str(e.detail), kind, code=getattr(e, "code", None)).body(),
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
 
     def check_model(name: str | None):
         if name is not None and name != cfg.model_name:
@@ -378,7 +390,7 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
         else:
             add = True if req.add_special_tokens is None else req.add_special_tokens
             ids = await _tokenize(engine.encode, req.prompt, add, param="prompt")
-        strs = [_token_text(engine, t) for t in ids] if req.return_token_strs else None
+        strs = await _tokenize(engine.token_strs, ids, param="tokens") if req.return_token_strs else None
         return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": strs}
 
     @app.post("/detokenize")
@@ -399,7 +411,7 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
         mt = _max_tokens(req.max_completion_tokens or req.max_tokens, name, len(ids), engine)
         lp = (req.top_logprobs or 0) if req.logprobs else None
         gen = Generation(state, [ids], _sampling(req, mt, lp, engine), _attention(req, engine), req.n,
-                         request.state.request_id)
+                         request.state.request_id, "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": cfg.model_name}
         if req.stream:
@@ -435,8 +447,9 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
                               "finish_reason": None}])
             async for i, out in gen.outputs():
                 if out.text or (lp and out.token is not None):
+                    has_lp = lp and out.token is not None  # text released at an abort carries no new token
                     yield chunk([{"index": i, "delta": {"content": out.text},
-                                  "logprobs": {"content": [_chat_logprobs(engine, out)]} if lp else None,
+                                  "logprobs": {"content": [_chat_logprobs(engine, out)]} if has_lp else None,
                                   "finish_reason": None}])
                 if out.finish_reason is not None:
                     yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}])
@@ -455,7 +468,7 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
         longest = max(len(p) for p in prompts)
         mt = _max_tokens(req.max_tokens if req.max_tokens is not None else 16, "max_tokens", longest, engine)
         gen = Generation(state, prompts, _sampling(req, mt, req.logprobs, engine), _attention(req, engine), req.n,
-                         request.state.request_id)
+                         request.state.request_id, "prompt")
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name}
         total = len(prompts) * req.n
@@ -510,6 +523,11 @@ async def _sse(events, gen: Generation, chunk, usage_prompt_tokens: int | None):
         yield {"data": "[DONE]"}
     except APIError as e:
         yield {"data": json.dumps(e.body())}
+    except Exception as e:  # a bug of ours must still end the stream in OpenAI's shape, not cut it
+        log.exception("stream failed")
+        yield {"data": json.dumps(APIError(500, f"internal error: {type(e).__name__}", "server_error").body())}
+    finally:
+        gen.close()
 
 
 def _empty_completion_logprobs() -> dict:
@@ -535,11 +553,12 @@ class DrainingServer(uvicorn.Server):
         self.drain_task: asyncio.Task | None = None
 
     def handle_exit(self, sig, frame):
-        if self.drain_task is not None:  # second signal
+        if self.state.draining:  # second signal
             self.should_exit = self.force_exit = True
             return
         self.state.draining = True
-        self.drain_task = asyncio.get_event_loop().create_task(self._drain())
+        loop = asyncio.get_event_loop()  # a signal handler: start the drain from the loop itself
+        loop.call_soon_threadsafe(lambda: setattr(self, "drain_task", loop.create_task(self._drain())))
 
     async def _drain(self):
         st, timeout = self.state, self.state.cfg.shutdown_timeout
@@ -562,7 +581,7 @@ def serve(cfg: ServerConfig, host: str, port: int):
     config = uvicorn.Config(app, host=host, port=port, log_config=None, timeout_graceful_shutdown=2)
     server = DrainingServer(config, app.state.rattn)
     server.run()
-    if server.drain_task is not None:
+    if server.state.draining:
         # Drained and shut down: every request has ended and the engine has freed its state. The interpreter's
         # own teardown (torch's and numba's thread pools, module finalisers) would add ~1.5 s to the exit.
         logging.shutdown()

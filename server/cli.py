@@ -33,14 +33,15 @@ ENGINE_FLAGS = {
                                    "exactly (above 1: none)"),
     "max_model_len": (int, None, "context limit (default: the model's)"),
     "cpu_threads": (int, 0, "CPU threads of the retrieval step (0: all cores)"),
-    "request_timeout": (float, 0.0, "seconds a request may take from arrival to its last token (0: no limit); "
+    "request_timeout": (float, 0.0, "seconds a request may take from when the engine queues it to its last token "
+                                    "(0: no limit); "
                                     "past it, it ends with finish_reason 'length', even before its first token"),
     "stall_timeout": (float, 120.0, "/health answers 503 when the engine makes no progress for this many seconds"),
 }
 SERVE_FLAGS = {
     "host": (str, "127.0.0.1", "address to listen on"),
     "port": (int, 8000, "port"),
-    "api_key": (str, None, "require 'Authorization: Bearer KEY' on /v1 routes"),
+    "api_key": (str, None, "require 'Authorization: Bearer KEY' on /v1 routes, /tokenize and /detokenize"),
     "max_queue": (int, 64, "requests waiting for the engine before 429"),
     "served_model_name": (str, None, "model id clients send (default: --model)"),
     "max_request_mb": (float, 8.0, "request body limit in MiB (413 above it; a 1M-token prompt is ~4 MiB of text)"),

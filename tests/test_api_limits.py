@@ -1,6 +1,7 @@
 """The HTTP layer in-process (the shared engine behind FastAPI): limits with clear errors, operator
 endpoints and headers, and an event loop that tokenising never blocks."""
 import asyncio
+import json
 import time
 
 import httpx
@@ -103,7 +104,8 @@ def test_tokenize_detokenize_and_version(engine, client):
     assert r.status_code == 200
     body = r.json()
     assert body["tokens"] == engine.encode("Hello world") and body["count"] == len(body["tokens"])
-    assert body["max_model_len"] == engine.max_model_len and "".join(body["token_strs"]) == "Hello world"
+    assert body["max_model_len"] == engine.max_model_len
+    assert body["token_strs"] == engine.tokenizer.convert_ids_to_tokens(body["tokens"])
     chat = client.post("/tokenize", json={"messages": HELLO}).json()
     assert chat["tokens"] == engine.encode_chat(HELLO)
     assert client.post("/detokenize", json={"tokens": body["tokens"]}).json() == {"prompt": "Hello world"}
@@ -151,6 +153,45 @@ def test_dummy_weights_without_a_tokenizer_are_a_400_for_text(monkeypatch, engin
     r = post(client, "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 2, "logprobs": 1})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["logprobs"]["tokens"][0].startswith("token_id:")
+
+
+def test_an_aborted_stream_with_logprobs_and_a_stop_string_still_ends_properly(engine, client):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 2000,
+            "ignore_eos": True, "stream": True, "logprobs": True, "stop": ["\n\n\n\n"],
+            "attention": {"mode": "streaming", "sink": 4, "window": 16}}
+    lines = []
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            lines.append(line)
+            if len(lines) == 12:
+                engine.abort_all()  # as the shutdown drain does, with held-back text in the detokenizer
+    data = [ln[6:] for ln in lines if ln.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    assert json.loads(data[-2])["choices"][0]["finish_reason"] == "abort"
+
+
+def test_a_request_whose_engine_hangs_gets_a_503(engine, monkeypatch):
+    monkeypatch.setattr(engine, "submit", lambda req, on_output: None)  # accepted, never answered
+    monkeypatch.setattr(engine, "health", lambda: "the engine has made no progress for 130 s")
+    client = TestClient(make_app(engine))
+    t = time.monotonic()
+    r = post(client, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 3})
+    assert r.status_code == 503 and "no progress" in r.json()["error"]["message"] and time.monotonic() - t < 5
+
+
+def test_an_unhandled_error_is_a_500_that_keeps_the_request_id(engine, monkeypatch):
+    monkeypatch.setattr(engine, "encode_chat", lambda *a: 1 / 0)
+    client = TestClient(make_app(engine), raise_server_exceptions=False)
+    r = post(client, "/v1/chat/completions", {"messages": HELLO}, headers={"X-Request-Id": "boom-1"})
+    assert r.status_code == 500 and r.headers["x-request-id"] == "boom-1"
+    assert r.json()["error"]["type"] == "server_error"
+
+
+def test_the_api_key_guards_tokenize_but_not_health(engine):
+    client = TestClient(make_app(engine, api_key="k"))
+    assert client.post("/tokenize", json={"prompt": "a"}).status_code == 401
+    assert client.post("/tokenize", json={"prompt": "a"}, headers={"Authorization": "bearer k"}).status_code == 200
+    assert client.get("/health").status_code == 200 and client.get("/version").status_code == 200
 
 
 # hypothesis: any JSON-like body either becomes valid engine parameters or a 400, never another error

@@ -220,3 +220,12 @@ def test_readme_curl_example_runs_as_written():
         assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"]
         assert httpx.get(base + "/health").status_code == 200
     assert shlex.split(cmd)[0] == "curl"
+
+
+def test_docker_stop_waits_longer_than_the_drain():
+    svc = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]["rattn"]
+    grace = int(svc["stop_grace_period"].rstrip("s"))
+    drain = FLAGS["shutdown_timeout"][1]
+    env = svc.get("environment", {}).get("RATTN_SHUTDOWN_TIMEOUT")
+    assert grace >= float(env or drain) + 5, (grace, env or drain)
+    assert "--stop-timeout" in README  # plain `docker run` users are told the same
