@@ -6,7 +6,7 @@ Then the server must still be healthy and answer a real chat request.
     python bench/fuzz.py --max-examples 2 --out /tmp/fuzz.json                # a short run (make test)
 
 The server runs the embedded model on CPU with a short context and a request timeout
-(`--max-model-len 256 --request-timeout 2`), so that valid generation requests end in seconds whatever
+(`--max-model-len 128 --request-timeout 0.5`), so that valid generation requests end in seconds whatever
 max_tokens the fuzzer picks; everything else is the server as users run it. Every status code is
 counted twice: as schemathesis saw it (its NDJSON report) and as the server logged it (access log).
 """
@@ -31,18 +31,21 @@ import httpx  # noqa: E402
 from server_util import server_log, start_server  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
-SERVER_ARGS = ["--max-model-len", "256", "--request-timeout", "2", "--max-queue", "16"]
+SERVER_ARGS = ["--max-model-len", "128", "--request-timeout", "0.5", "--max-queue", "16"]
 ACCESS = re.compile(r'"(GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS|TRACE|[A-Z]+) (\S+) HTTP/[\d.]+" (\d{3})')
 
 
 def parse_report(path: Path) -> dict:
     """Statuses, cases and failed checks from schemathesis' NDJSON event stream."""
     statuses, per_op, phases = collections.Counter(), collections.defaultdict(collections.Counter), collections.Counter()
-    failures, cases = [], 0
+    failures, cases, errors = [], 0, []
     for line in path.read_text().splitlines():
         ev = json.loads(line)
+        if "NonFatalError" in ev:  # the fuzzer's own trouble with an operation (not a response of the server)
+            err = ev["NonFatalError"]
+            errors.append({"operation": err.get("label"), "phase": err.get("phase"), **err.get("value", {})})
         fin = ev.get("ScenarioFinished")
-        if not fin or fin["status"] == "skip":
+        if not fin or fin["status"] == "skip" or "cases" not in fin["recorder"]:
             continue
         rec = fin["recorder"]
         cases += len(rec["cases"])
@@ -55,7 +58,8 @@ def parse_report(path: Path) -> dict:
         for checks in rec["checks"].values():
             failures += [{"operation": rec["label"], **c} for c in checks if c["status"] != "success"]
     return {"cases": cases, "phases": dict(phases), "statuses": dict(statuses),
-            "per_operation": {k: dict(v) for k, v in sorted(per_op.items())}, "failed_checks": failures}
+            "per_operation": {k: dict(v) for k, v in sorted(per_op.items())}, "failed_checks": failures,
+            "fuzzer_errors": errors}
 
 
 def server_statuses(log: str) -> dict:
@@ -112,7 +116,7 @@ def main(argv=None) -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: out[k] for k in ("cases", "phases", "statuses", "server_logged_statuses", "alive_after",
-                                          "targets", "seconds")}, indent=1))
+                                          "fuzzer_errors", "targets", "seconds")}, indent=1))
     if run.returncode not in (0, 1) or not out["targets"]["no_5xx"]:
         print(run.stdout[-5000:], run.stderr[-3000:], file=sys.stderr)
     return 0 if all(out["targets"].values()) else 1

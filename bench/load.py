@@ -18,7 +18,8 @@ Each client loops until --duration is over (its last request may finish after th
 picks a kind at random: chat_stream, chat, completion_stream, completion, stream_disconnect (closes a
 stream after a few chunks), cancel (cancels a plain request's task after a random delay; the server
 must abort that generation) or bad:<variant> (malformed JSON, a JSON array, wrong types, values out of
-range, unknown model, a missing field, an `attention` override out of range, a body of a few MB).
+range, unknown model, a missing field, an `attention` override out of range, a body over the server's
+default 8 MiB limit).
 After a 429 a client backs off 0.5-2 s.
 
 Outcomes: ok; rate_limited (429, expected under this load); expected_error (400/404/413/422 for the
@@ -660,20 +661,20 @@ def plot(report: dict, path: Path):
     plt.close(fig)
 
 
-def int_range(s: str) -> tuple[int, int]:
+def _range(s: str, kind, least) -> tuple:
     lo, _, hi = s.partition("-")
-    lo, hi = int(lo), int(hi or lo)
-    if not 1 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"expected LO-HI with 1 <= LO <= HI, got {s!r}")
+    lo, hi = kind(lo), kind(hi or lo)
+    if not least <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected LO-HI with {least} <= LO <= HI, got {s!r}")
     return lo, hi
+
+
+def int_range(s: str) -> tuple[int, int]:
+    return _range(s, int, 1)
 
 
 def float_range(s: str) -> tuple[float, float]:
-    lo, _, hi = s.partition("-")
-    lo, hi = float(lo), float(hi or lo)
-    if not 0 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"expected LO-HI with 0 <= LO <= HI, got {s!r}")
-    return lo, hi
+    return _range(s, float, 0)
 
 
 def mix(s: str) -> dict[str, float]:
@@ -708,9 +709,9 @@ def main(argv=None) -> int:
                     help="share of generations with a valid per-request `attention` override")
     ap.add_argument("--cancel-after", type=float_range, default=(0.05, 4.0), metavar="LO-HI",
                     help="seconds after which a `cancel` request is cancelled")
-    ap.add_argument("--oversized-mb", type=float_range, default=(2.0, 4.0), metavar="LO-HI",
-                    help="size of the bad:oversized bodies in MiB (the server's --max-request-mb is 32 by default: "
-                         'pass --server-args "--max-request-mb 1" or sizes above it to exercise its 413)')
+    ap.add_argument("--oversized-mb", type=float_range, default=(9.0, 12.0), metavar="LO-HI",
+                    help="size of the bad:oversized bodies in MiB (above the server's default --max-request-mb of 8, "
+                         "so that they get its 413)")
     ap.add_argument("--think", type=float, default=0.2, help="each client pauses up to this long between requests")
     ap.add_argument("--request-timeout", type=float, default=300)
     ap.add_argument("--sample-every", type=float, default=2.0)

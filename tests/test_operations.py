@@ -52,6 +52,7 @@ def test_a_plain_client_that_disconnects_is_aborted_within_a_step(base):
     at_close = metric(base, "rattn:generation_tokens_total")
     freed_in = wait_idle(base, timeout=2.0)
     after = metric(base, "rattn:generation_tokens_total")
+    print(f"\n[disconnect] tokens after the client left: {after - at_close:g}; idle after {freed_in:.3f} s")
     assert at_close >= gen0 + 5, "the request never started generating"
     # tokens counted after the client left: the step in flight and the one whose output was queued
     assert after - at_close <= 2, f"{after - at_close} tokens generated after the client left"
@@ -125,6 +126,7 @@ def test_sigterm_with_four_requests_exits_0_and_ends_every_stream():
     took = time.monotonic() - t0
     for t in threads:
         t.join(10)
+    print(f"\n[sigterm] exit code {rc} after {took:.2f} s (--shutdown-timeout {timeout:g})")
     assert rc == 0, server_log(proc)[-3000:]
     assert took <= timeout + 2, f"exit took {took:.1f} s"
     for i, lines in streams.items():
