@@ -62,7 +62,7 @@ class EngineConfig:
     max_queue: int = 64
     build_threads: int = 0             # index builds in parallel on CUDA (0: one per core)
     cpu_threads: int = 0               # numba threads of the retrieval step (0: all cores)
-    request_timeout: float = 0.0       # seconds from arrival to the last token (0: none)
+    request_timeout: float = 0.0       # seconds from submit() to the last token (0: none)
     stall_timeout: float = 120.0       # health() fails when the engine thread shows no progress for this long
     seed: int = 0                      # dummy weights
 
