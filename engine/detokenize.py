@@ -48,10 +48,14 @@ class IncrementalDetokenizer:
         return self._release(len(self.text)), False
 
     def flush(self) -> str:
-        """At the end of generation: whatever was held back (no stop string completed), incomplete
-        characters included."""
+        """At the end of generation: whatever was held back, incomplete characters included, up to a
+        stop string that the pending text completes (never the stop string itself)."""
         if self.read < len(self.ids):
+            start = max(0, len(self.text) - self.hold)
             self._advance(self._decode(self.ids[self.prefix:]), len(self.ids))
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
         return self._release(len(self.text))
 
     def _advance(self, after: str, upto: int):

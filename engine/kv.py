@@ -8,7 +8,6 @@ the same buffer with no sink and a ring large enough for the whole request, so i
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from concurrent.futures import Executor, Future
 from dataclasses import replace
@@ -16,7 +15,6 @@ from dataclasses import replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from index import OffloadedStore, graph_knn
 
@@ -24,9 +22,6 @@ from .attention import AttentionConfig, merge_partial_attention, partial_attenti
 from .model import ModelShape
 
 
-# `full` decode on CUDA: SDPA's default picks cuDNN, which plans anew for every K/V length, i.e. every
-# step (H200, 128K, one layer: ~40 ms by default, 1.7 ms forced cuDNN, 0.18 ms flash; bench/attention_kernels.py)
-_DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 FULL_CHUNK = 4096  # `full` mode's device buffer grows by at least this many slots at a time
 
 
@@ -226,9 +221,7 @@ class SequenceKV:
             # every slot up to hi is valid. The query heads of a KV group go in as that group's "sequence"
             # (one position, no mask), so SDPA's fused kernels read each K/V once; softmax in float32 inside.
             G, d = self.k.shape[1], q.shape[-1]
-            with sdpa_kernel(_DECODE_BACKENDS) if q.is_cuda else contextlib.nullcontext():
-                o = F.scaled_dot_product_attention(q.view(1, G, -1, d), self.k[None, l, :, :hi],
-                                                   self.v[None, l, :, :hi])
+            o = F.scaled_dot_product_attention(q.view(1, G, -1, d), self.k[None, l, :, :hi], self.v[None, l, :, :hi])
             return o.view(-1, d)
         store = self.stores[l] if self.stores is not None else None
         on_cpu = store is not None and store.n > 0

@@ -7,6 +7,7 @@ Only one layer's K/V and the hidden states are ever on the device at once.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
@@ -15,10 +16,14 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from .kv import SequenceKV
 from .model import Transformer
+
+
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -51,6 +56,10 @@ class ModelRunner:
         # on CUDA the CPU is idle during prefill: index builds overlap the next layers there
         self.pool = (ThreadPoolExecutor(max_workers=build_threads or os.cpu_count(), thread_name_prefix="rattn-build")
                      if self.device.type == "cuda" else InlineExecutor())
+        # decode on CUDA: SDPA's default picks cuDNN, which plans anew for every K/V length, i.e. every step
+        # (H200, 128K, one layer: ~40 ms by default, 1.7 ms forced cuDNN, 0.18 ms flash; bench/attention_kernels.py)
+        self._decode_backends = ((lambda: sdpa_kernel(DECODE_BACKENDS)) if self.device.type == "cuda"
+                                 else contextlib.nullcontext)
         self._tok = torch.zeros(1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
 
@@ -136,11 +145,12 @@ class ModelRunner:
         h = m.embed[self._tok]
         cos, sin = m.rope(self._pos)
         slot = kv.next_slot(token)
-        for l in range(s.n_layers):
-            q, k, v = m.qkv(l, h, cos, sin)
-            kv.write(l, slot, k[0], v[0])
-            o = kv.attend(l, q[0], top_k)
-            if capture is not None:
-                capture(l, o)
-            m.finish_layer(l, h, o[None])
+        with self._decode_backends():
+            for l in range(s.n_layers):
+                q, k, v = m.qkv(l, h, cos, sin)
+                kv.write(l, slot, k[0], v[0])
+                o = kv.attend(l, q[0], top_k)
+                if capture is not None:
+                    capture(l, o)
+                m.finish_layer(l, h, o[None])
         return m.logits(h[0])

@@ -127,6 +127,7 @@ class Generation:
             raise APIError(400, str(e), param=param) from None
         self.pending = len(self.ids)
         self.closed = False
+        self.watchers: list[asyncio.Task] = []
         state.active += 1
 
     def abort(self):
@@ -137,9 +138,9 @@ class Generation:
         """Yield (choice index, StepOutput) until every choice has finished. With `request` (a plain,
         non-streaming response) a watcher aborts the generation as soon as the client disconnects."""
         m = self.state.metrics
-        watchers = [asyncio.create_task(self._fail_if_engine_stops())]
+        self.watchers.append(asyncio.create_task(self._fail_if_engine_stops()))
         if request is not None:
-            watchers.append(asyncio.create_task(self._abort_on_disconnect(request)))
+            self.watchers.append(asyncio.create_task(self._abort_on_disconnect(request)))
         try:
             while self.pending:
                 i, out = await self.queue.get()
@@ -163,8 +164,6 @@ class Generation:
                         raise APIError(s, f"generation failed: {out.error}", ERROR_TYPES.get(s, "server_error"))
                 yield i, out
         finally:
-            for w in watchers:
-                w.cancel()
             self.close()
 
     def close(self):
@@ -172,6 +171,8 @@ class Generation:
         if self.closed:
             return
         self.closed = True
+        for w in self.watchers:
+            w.cancel()
         if self.pending:
             self.abort()
             self.state.metrics.success.labels(finished_reason="abort").inc(self.pending)

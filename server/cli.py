@@ -36,7 +36,8 @@ ENGINE_FLAGS = {
     "request_timeout": (float, 0.0, "seconds a request may take from when the engine queues it to its last token "
                                     "(0: no limit); "
                                     "past it, it ends with finish_reason 'length', even before its first token"),
-    "stall_timeout": (float, 120.0, "/health answers 503 when the engine makes no progress for this many seconds"),
+    "stall_timeout": (float, 120.0, "when the engine makes no progress (a layer, a token) for this many seconds, "
+                                   "/health and the requests waiting on it answer 503"),
 }
 SERVE_FLAGS = {
     "host": (str, "127.0.0.1", "address to listen on"),

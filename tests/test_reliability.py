@@ -280,3 +280,13 @@ def test_prefill_progress_is_logged_with_the_request_id(engine, long_prompt, mon
     assert len(lines) == engine.shape.n_layers
     assert f"{engine.shape.n_layers}/{engine.shape.n_layers} layers of 300 tokens" in lines[-1].getMessage()
     assert all(r.request_id == "trace-42-0" for r in lines)
+
+
+def test_the_final_flush_never_emits_a_stop_string(engine):
+    tok = engine.tokenizer
+    token = 10003  # a whole character and the first byte of the next one
+    whole = tok.decode([token])[0]
+    assert tok.decode([token]).endswith("\ufffd")
+    d = IncrementalDetokenizer(tok, [whole])
+    assert d.add(token) == ("", False)
+    assert whole not in d.flush()
