@@ -216,6 +216,12 @@ class SequenceKV:
 
     def attend(self, l: int, q: torch.Tensor, top_k: int) -> torch.Tensor:
         """q (H, d) roped -> attention output (H, d): device static part || CPU retrieved part, merged."""
+        return self.end_attend(l, self.begin_attend(l, q), top_k)
+
+    def begin_attend(self, l: int, q: torch.Tensor):
+        """Queue layer l's device work for query q (H, d): the copy of q for the CPU lookup and the
+        attention over the static part. Returns what end_attend needs; the host does not wait here, so a
+        batch queues every sequence's device work before the first CPU lookup starts."""
         hi = self.S + min(self.C, self.written)
         if self.full:
             # every slot up to hi is valid. The query heads of a KV group go in as that group's "sequence"
@@ -224,16 +230,21 @@ class SequenceKV:
             o = F.scaled_dot_product_attention(q.view(1, G, -1, d), self.k[None, l, :, :hi], self.v[None, l, :, :hi])
             return o.view(-1, d)
         store = self.stores[l] if self.stores is not None else None
-        on_cpu = store is not None and store.n > 0
         qf = q.float()
-        if on_cpu:
+        if store is not None and store.n > 0:
             self.q_host.copy_(qf, non_blocking=True)
             if self.q_ready is not None:
                 self.q_ready.record()
-        # queued on the device; on CUDA it runs while the CPU searches below
-        o_w, m_w, s_w = partial_attention(qf, self.k[l, :, :hi], self.v[l, :, :hi], self.bias[:hi], self.scale)
-        if not on_cpu:
-            return o_w.to(q.dtype)
+        return partial_attention(qf, self.k[l, :, :hi], self.v[l, :, :hi], self.bias[:hi], self.scale), q.dtype
+
+    def end_attend(self, l: int, part, top_k: int) -> torch.Tensor:
+        """The CPU lookup of layer l (if its store has keys), merged with the static part -> (H, d)."""
+        if self.full:
+            return part
+        (o_w, m_w, s_w), dtype = part
+        store = self.stores[l] if self.stores is not None else None
+        if store is None or store.n == 0:
+            return o_w.to(dtype)
         t = time.perf_counter()
         if self.q_ready is not None:
             self.q_ready.synchronize()
@@ -244,7 +255,7 @@ class SequenceKV:
         self._retrieval_calls += 1
         self.o_dev.copy_(self.o_host, non_blocking=True)
         self.ms_dev.copy_(self.ms_host, non_blocking=True)
-        return merge_partial_attention(o_w, m_w, s_w, self.o_dev, self.ms_dev[0], self.ms_dev[1]).to(q.dtype)
+        return merge_partial_attention(o_w, m_w, s_w, self.o_dev, self.ms_dev[0], self.ms_dev[1]).to(dtype)
 
     # ------------------------------------------------------------------ accounting
     def take_retrieval_seconds(self) -> float:

@@ -1,4 +1,8 @@
-"""The engine: one thread that takes requests from a bounded FIFO queue and runs each to its end.
+"""The engine: one thread that runs every request, in steps (schedule -> run -> postprocess).
+
+Requests wait in a bounded FIFO queue. Up to `max_num_seqs` of them run at once and share each decode
+step; one waiting request at a time is prefilled, in slices of at most `prefill_slice` seconds between
+the running requests' decode steps, so that their streams keep flowing during a long prefill.
 
     engine = Engine(EngineConfig())
     seq = engine.submit(Request(prompt_ids, SamplingParams(...)), on_output)   # StepOutput callbacks
@@ -30,13 +34,12 @@ from .logging_context import request_id
 from .loader import EMBEDDED, load_model
 from .model_runner import ModelRunner, PrefillStats
 from .sampling import Sampler, SamplingParams
+from .scheduler import QueueFull, Scheduler
 from .sequence import Request, Sequence, StepOutput
 
+__all__ = ["Engine", "EngineConfig", "EngineUnavailable", "NoTokenizer", "QueueFull", "RequestTimes"]
+
 log = logging.getLogger("rattn.engine")
-
-
-class QueueFull(RuntimeError):
-    pass
 
 
 class EngineUnavailable(RuntimeError):
@@ -47,10 +50,6 @@ class NoTokenizer(ValueError):
     """Text in or out where the model has no tokenizer (random weights of a shape)."""
 
 
-class _Stop(Exception):
-    """Ends a request's prefill early: the client left, or the request ran out of time."""
-
-
 @dataclass
 class EngineConfig:
     model: str = EMBEDDED
@@ -59,7 +58,9 @@ class EngineConfig:
     dtype: str = "auto"                # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     max_model_len: int | None = None   # default: the model's max_position_embeddings
-    max_queue: int = 64
+    max_queue: int = 64                # waiting requests; more get QueueFull (HTTP 429)
+    max_num_seqs: int = 8              # requests that share a decode step
+    prefill_slice: float = 0.25        # seconds of prefill work at most between two decode steps
     build_threads: int = 0             # index builds in parallel on CUDA (0: one per core)
     cpu_threads: int = 0               # numba threads of the retrieval step (0: all cores)
     request_timeout: float = 0.0       # seconds from submit() to the last token (0: none)
@@ -73,8 +74,10 @@ class EngineConfig:
             self.dtype = "float32" if self.device == "cpu" else "bfloat16"
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.max_queue < 1:
-            raise ValueError("max_queue must be >= 1")
+        if self.max_queue < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_queue and max_num_seqs must be >= 1")
+        if self.prefill_slice <= 0:
+            raise ValueError("prefill_slice must be > 0")
         if self.request_timeout < 0 or self.stall_timeout <= 0:
             raise ValueError("request_timeout must be >= 0 and stall_timeout > 0")
 
@@ -108,15 +111,13 @@ class Engine:
         self.copy_scores = copy_scores(self.model)  # (L, H): heads that retrieval scans exactly
         self.runner = ModelRunner(self.model, config.build_threads)
         warm_up()  # the CPU kernels compile here, not inside the first request that offloads
-        self._queue: queue.Queue[Sequence] = queue.Queue(maxsize=config.max_queue)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_queue)
         self._seqs: dict[str, Sequence] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self.dead: str | None = None        # why the engine thread ended, once it has
         self.progress_at = time.monotonic()  # the engine thread's heartbeat
         self.prefill_done = 0.0             # share of the current prefill's layers done (0 when none)
-        self.current: Sequence | None = None
-        self.current_kv: SequenceKV | None = None
         self._thread = threading.Thread(target=self._loop, name="rattn-engine", daemon=True)
         self._thread.start()
 
@@ -157,10 +158,7 @@ class Engine:
                 raise EngineUnavailable(f"the engine is not running ({self.dead or 'shutting down'})")
             if request.request_id in self._seqs:
                 raise ValueError(f"duplicate request id {request.request_id}")
-            try:
-                self._queue.put_nowait(seq)
-            except queue.Full:
-                raise QueueFull(f"the request queue is full ({self.config.max_queue} waiting)") from None
+            self.scheduler.add(seq)
             self._seqs[request.request_id] = seq
         return seq
 
@@ -189,15 +187,18 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return self._queue.qsize()
+        return self.scheduler.num_waiting
 
     @property
     def num_running(self) -> int:
-        return 1 if self.current is not None else 0
+        return self.scheduler.num_running
 
     def cpu_kv_bytes(self) -> int:
-        kv = self.current_kv
-        return kv.cpu_bytes() if kv is not None else 0
+        return sum(kv.cpu_bytes() for kv in (s.kv for s in self.scheduler.active()) if kv is not None)
+
+    def kv_of(self, request_id: str) -> SequenceKV | None:
+        seq = self._seqs.get(request_id)
+        return seq.kv if seq is not None else None
 
     def health(self) -> str | None:
         """None while the engine serves; otherwise why it does not (/health answers 503 with it)."""
@@ -232,26 +233,21 @@ class Engine:
                 import numba
 
                 numba.set_num_threads(self.config.cpu_threads)  # thread-local: set where the kernels run
+            sched = self.scheduler
             while True:
                 self.progress_at = time.monotonic()
-                try:
-                    seq = self._queue.get(timeout=0.5)
-                except queue.Empty:
-                    if self._stopping.is_set():
+                self._drop_ended_waiting()
+                seq = sched.next_prefill()
+                if seq is not None:
+                    self._start(seq)
+                if sched.prefilling is not None:
+                    self._prefill_slice(sched.prefilling, self.config.prefill_slice if sched.running else None)
+                if sched.running:
+                    self._decode_step(list(sched.running))
+                elif sched.prefilling is None:
+                    if self._stopping.is_set() and sched.idle():
                         return
-                    continue
-                self.current = seq
-                ctx = request_id.set(seq.request.request_id)  # this request's id on the engine's log lines
-                try:
-                    self._run(seq)
-                except Exception:  # _run ends its request in every case; this is a bug there, not fatal
-                    log.exception("request %s: unexpected failure after its end", seq.request.request_id)
-                finally:
-                    request_id.reset(ctx)
-                    self.current = self.current_kv = None
-                    self.prefill_done = 0.0
-                with self._lock:  # ended; a fatal error skips this, so the request gets its error below
-                    self._seqs.pop(seq.request.request_id, None)
+                    sched.wait_for_work(0.5)
         except BaseException as e:
             self.dead = f"{type(e).__name__}: {e}"
             log.critical("the engine thread ended: %s", self.dead, exc_info=True)
@@ -262,9 +258,10 @@ class Engine:
                 left = list(self._seqs.values())
                 self._seqs.clear()
             for seq in left:  # none may wait for an engine that is gone
+                self._free(seq)
                 finish = "abort" if seq.aborted.is_set() else "error"
                 self._emit(seq, StepOutput(seq.request.request_id, None, "", None, finish,
-                                           f"the engine is not running ({self.dead})", len(seq.request.prompt_ids),
+                                           f"the engine is not running ({self.dead})", seq.num_prompt,
                                            len(seq.generated), error_status=503))
 
     def _emit(self, seq: Sequence, out: StepOutput):
@@ -283,89 +280,152 @@ class Engine:
             return "timeout"
         return None
 
-    def _prefill_progress(self, seq: Sequence, N: int):
-        """on_layer callback of the prefill: heartbeat, progress log and metric, early stop."""
-        L = self.shape.n_layers
-        logged = [time.monotonic()]
+    def _drop_ended_waiting(self):
+        """Waiting requests that were aborted or ran out of time end now, not when their turn comes."""
+        for seq in self.scheduler.take_waiting_if(self._stop_reason):
+            self._end_early(seq)
 
-        def on_layer(l: int):
-            now = self.progress_at = time.monotonic()
-            self.prefill_done = (l + 1) / L
-            if now - logged[0] >= PROGRESS_LOG_S:
-                logged[0] = now
-                log.info("request %s: prefill %d/%d layers of %d tokens", seq.request.request_id, l + 1, L, N)
-            if self._stop_reason(seq):
-                raise _Stop()
+    def _out(self, seq: Sequence, token, text, sample=None, finish=None, error=None) -> StepOutput:
+        return StepOutput(seq.request.request_id, token, text, sample, finish, error, seq.num_prompt,
+                          len(seq.generated))
 
-        return on_layer
-
-    def _run(self, seq: Sequence):
-        req, sp = seq.request, seq.request.sampling
-        ids = req.prompt_ids
-        N = len(ids)
-        t_start = time.monotonic()
-        t_first: float | None = None
-
-        def emit(token, text, sample=None, finish=None, error=None):
-            self._emit(seq, StepOutput(req.request_id, token, text, sample, finish, error, N, len(seq.generated)))
-
-        def timed_out():  # out of time before its first token: ended like one out of tokens, with none
-            log.info("request %s: --request-timeout (%g s) reached before its first token", req.request_id,
+    def _end_early(self, seq: Sequence):
+        """End a request that was aborted or is out of time. Out of time ends it as if it had reached its
+        max_tokens (--request-timeout), with no token if it had none yet."""
+        if self._stop_reason(seq) == "abort":
+            self._finish(seq, self._out(seq, None, seq.detok.flush() if seq.detok else "", finish="abort"))
+            return
+        if seq.first_token is None:
+            log.info("request %s: --request-timeout (%g s) reached before its first token", seq.request.request_id,
                      self.config.request_timeout)
-            emit(None, "", finish="length")
+        self._finish(seq, self._out(seq, None, seq.detok.flush() if seq.detok else "", finish="length"))
 
-        def ended_early():
-            emit(None, "", finish="abort") if self._stop_reason(seq) == "abort" else timed_out()
+    def _fail(self, seq: Sequence, e: Exception):
+        log.error("request %s failed", seq.request.request_id, exc_info=e)
+        self._finish(seq, self._out(seq, None, "", finish="error", error=f"{type(e).__name__}: {e}"))
 
+    def _free(self, seq: Sequence):
+        if seq.prefill is not None:
+            try:
+                seq.prefill.close()  # cancels its queued index builds, waits for running ones
+            except Exception:
+                log.exception("request %s: closing its prefill failed", seq.request.request_id)
+            seq.prefill = None
+        if seq.kv is not None:
+            seq.kv.free()
+            seq.kv = None
+
+    def _finish(self, seq: Sequence, out: StepOutput):
+        """The request's final output: its KV is freed first, then it leaves the engine."""
+        self._free(seq)
+        self.scheduler.remove(seq)
+        with self._lock:
+            self._seqs.pop(seq.request.request_id, None)
+        self._emit(seq, out)
+        if self.observer and seq.first_token is not None:
+            end = time.monotonic()
+            self.observer.on_request_done(RequestTimes(seq.started - seq.arrival, seq.first_token - seq.started,
+                                                       end - seq.first_token))
+
+    # ------------------------------------------------------------------ prefill
+    def _start(self, seq: Sequence):
+        """Create the request's KV and its prefill (run later, in slices)."""
+        sp = seq.request.sampling
+        seq.started = self._prefill_logged = time.monotonic()
         if self._stop_reason(seq):
-            ended_early()
+            self._end_early(seq)
             return
         try:
-            kv = SequenceKV(self.shape, seq.attention, N + sp.max_tokens, self.device, self.model.dtype,
-                            self.copy_scores)
-            self.current_kv = kv
-            try:
-                logits, stats = self.runner.prefill(ids, kv, on_layer=self._prefill_progress(seq, N))
-            except _Stop:
-                ended_early()
-                return
-            self.prefill_done = 0.0
+            seq.kv = SequenceKV(self.shape, seq.attention, seq.num_prompt + sp.max_tokens, self.device,
+                                self.model.dtype, self.copy_scores)
+            seq.prefill = self.runner.prefill_steps(seq.request.prompt_ids, [seq.kv])
+            seq.sampler = Sampler(sp, self.shape.vocab_size, self.device)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, sp.stop) if self.tokenizer is not None else None
+            seq.stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.eos_ids)
+        except Exception as e:
+            self._fail(seq, e)
+
+    def _prefill_slice(self, seq: Sequence, budget: float | None):
+        """Advance the prefill by about `budget` seconds of work (None: to its end), checking between
+        chunks whether the request was aborted or ran out of time. Once done, its first token is sampled
+        and it joins the running set."""
+        ctx = request_id.set(seq.request.request_id)  # this request's id on the engine's log lines
+        try:
+            L, t0 = self.shape.n_layers, time.monotonic()
+            while True:
+                if self._stop_reason(seq):
+                    self._end_early(seq)
+                    return
+                try:
+                    done = next(seq.prefill)
+                except StopIteration as e:
+                    logits, stats = e.value
+                    break
+                now = self.progress_at = time.monotonic()
+                self.prefill_done = done / L
+                if now - self._prefill_logged >= PROGRESS_LOG_S:
+                    self._prefill_logged = now
+                    log.info("request %s: prefill %d/%d layers of %d tokens", seq.request.request_id, done, L,
+                             seq.num_prompt)
+                if budget is not None and now - t0 >= budget:
+                    return
+            seq.prefill = None
             if self.observer:
-                self.observer.on_prefill(stats)
-            sampler = Sampler(sp, self.shape.vocab_size, self.device)
-            detok = IncrementalDetokenizer(self.tokenizer, sp.stop) if self.tokenizer is not None else None
-            stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.eos_ids)
-            top_k = seq.attention.top_k
-            for i in range(sp.max_tokens):
-                self.progress_at = time.monotonic()
-                reason = self._stop_reason(seq)
-                if reason:  # a request out of time ends as if it had reached its max_tokens (--request-timeout)
-                    emit(None, detok.flush() if detok else "", finish="abort" if reason == "abort" else "length")
-                    return
-                res = sampler(logits)
-                t_first = t_first or time.monotonic()
-                seq.generated.append(res.token)
-                if res.token in stop_ids:
-                    emit(res.token, detok.flush() if detok else "", res, "stop")
-                    return
-                text, stopped = detok.add(res.token) if detok else ("", False)
-                if stopped:
-                    emit(res.token, text, res, "stop")
-                    return
-                if i == sp.max_tokens - 1:
-                    emit(res.token, text + (detok.flush() if detok else ""), res, "length")
-                    return
-                emit(res.token, text, res)
-                t = time.perf_counter()
-                logits = self.runner.decode(res.token, N + i, kv, top_k)
-                if self.observer:
-                    self.observer.on_decode_step(time.perf_counter() - t, kv.take_retrieval_seconds())
+                self.observer.on_prefill(stats[0])
+            self.scheduler.prefilled(seq)
+            self._accept(seq, logits)
         except Exception as e:  # a failure ends this request, never the engine
-            log.exception("request %s failed", req.request_id)
-            emit(None, "", finish="error", error=f"{type(e).__name__}: {e}")
+            self._fail(seq, e)
         finally:
-            if self.current_kv is not None:
-                self.current_kv.free()
-            if self.observer and t_first is not None:
-                end = time.monotonic()
-                self.observer.on_request_done(RequestTimes(t_start - seq.arrival, t_first - t_start, end - t_first))
+            if seq.prefill is None:  # done, ended or failed
+                self.prefill_done = 0.0
+            request_id.reset(ctx)
+
+    # ------------------------------------------------------------------ decode
+    def _decode_step(self, batch: list[Sequence]):
+        """One decode step for every running request, then each one's sampling, stop rules and output."""
+        for seq in [s for s in batch if self._stop_reason(s)]:  # a client gone frees its KV before the step
+            self._end_early(seq)
+            batch.remove(seq)
+        if not batch:
+            return
+        t = time.perf_counter()
+        try:
+            logits = self.runner.decode_batch([s.generated[-1] for s in batch],
+                                              [s.num_prompt + len(s.generated) - 1 for s in batch],
+                                              [s.kv for s in batch], [s.attention.top_k for s in batch])
+        except Exception as e:  # the step's failure is shared by its requests; the engine goes on
+            for seq in batch:
+                self._fail(seq, e)
+            return
+        if self.observer:
+            self.observer.on_decode_step(time.perf_counter() - t, sum(s.kv.take_retrieval_seconds() for s in batch))
+        for seq, row in zip(batch, logits):
+            ctx = request_id.set(seq.request.request_id)
+            try:
+                self._accept(seq, row)
+            except Exception as e:
+                self._fail(seq, e)
+            finally:
+                request_id.reset(ctx)
+
+    def _accept(self, seq: Sequence, logits: torch.Tensor):
+        """Sample the request's next token from its logits (V,) and emit it, or end the request."""
+        self.progress_at = time.monotonic()
+        if self._stop_reason(seq):
+            self._end_early(seq)
+            return
+        res = seq.sampler(logits)
+        seq.first_token = seq.first_token or time.monotonic()
+        seq.generated.append(res.token)
+        detok = seq.detok
+        if res.token in seq.stop_ids:
+            self._finish(seq, self._out(seq, res.token, detok.flush() if detok else "", res, "stop"))
+            return
+        text, stopped = detok.add(res.token) if detok else ("", False)
+        if stopped:
+            self._finish(seq, self._out(seq, res.token, text, res, "stop"))
+        elif len(seq.generated) == seq.request.sampling.max_tokens:
+            self._finish(seq, self._out(seq, res.token, text + (detok.flush() if detok else ""), res, "length"))
+        else:
+            self._emit(seq, self._out(seq, res.token, text, res))

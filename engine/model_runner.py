@@ -1,4 +1,4 @@
-"""Prefill and decode of one sequence over a SequenceKV.
+"""Prefill of one sequence and decode steps of a batch of sequences, each over its SequenceKV.
 
 Prefill runs the prompt through one layer at a time (projections and MLP chunked over tokens,
 attention chunked over queries), places that layer's KV (static part on the device, the rest in its
@@ -12,7 +12,7 @@ import os
 import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Generator
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +60,6 @@ class ModelRunner:
         # (H200, 128K, one layer: ~40 ms by default, 1.7 ms forced cuDNN, 0.18 ms flash; bench/attention_kernels.py)
         self._decode_backends = ((lambda: sdpa_kernel(DECODE_BACKENDS)) if self.device.type == "cuda"
                                  else contextlib.nullcontext)
-        self._tok = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
 
     def prefill(self, ids: list[int], kv: SequenceKV, capture=None,
                 on_layer: Callable[[int], None] | None = None) -> tuple[torch.Tensor, PrefillStats]:
@@ -75,18 +73,35 @@ class ModelRunner:
                      on_layer: Callable[[int], None] | None = None):
         """One forward pass over the prompt, placed into several SequenceKVs (e.g. one per attention mode):
         the fork that lets a benchmark decode the same prefill under every mode."""
+        steps = self.prefill_steps(ids, kvs, capture)
+        last = 0
+        try:
+            while True:
+                done = next(steps)
+                if on_layer is not None and (done > last or done == self.model.shape.n_layers):
+                    on_layer(done - 1)
+                last = done
+        except StopIteration as e:
+            return e.value
+        finally:
+            steps.close()
+
+    def prefill_steps(self, ids: list[int], kvs: list[SequenceKV], capture=None
+                      ) -> Generator[int, None, tuple[torch.Tensor, list[PrefillStats]]]:
+        """The prefill as a generator that yields the number of layers done after every chunk of work
+        (and every 0.2 s while index builds finish), so that the engine can run decode steps of other
+        requests in between; it returns (logits (V,), [PrefillStats per kv]). Closing it early cancels
+        the index builds it queued and waits for those already running (they hold its stores)."""
         futures: list[Future] = []
         try:
-            return self._prefill(ids, kvs, capture, on_layer, futures)
+            return (yield from self._prefill(ids, kvs, capture, futures))
         finally:
-            # on any exit, no build queued by this prefill outlives it: one that has not started is
-            # cancelled, one that has is waited for (it holds this request's stores)
             for f in futures:
                 f.cancel()
             wait(futures)
 
     @torch.inference_mode()
-    def _prefill(self, ids, kvs, capture, on_layer, futures):
+    def _prefill(self, ids, kvs, capture, futures):
         m, s = self.model, self.model.shape
         t0 = time.perf_counter()
         N = len(ids)
@@ -116,41 +131,52 @@ class ModelRunner:
                     q.transpose(0, 1)[None], k_all[:b].transpose(0, 1)[None], v_all[:b].transpose(0, 1)[None],
                     attn_mask=causal_lower_right(b - a, b), enable_gqa=True)
                 attn[a:b] = o[0].transpose(0, 1)
+                yield l
             for kv, smp in zip(kvs, sampled):
                 fut = kv.place_prefill(l, k_all, v_all, smp[2] if smp else None, self.pool)
                 if fut is not None:
                     futures.append(fut)
-            m.finish_layer(l, h, attn)
-            if on_layer is not None:
-                on_layer(l)
+            for a in range(0, N, self.chunk):
+                m.finish_layer(l, h[a:a + self.chunk], attn[a:a + self.chunk])
+                yield l if a + self.chunk < N else l + 1
         logits = m.logits(h[-1])
         t1 = time.perf_counter()
         pending = futures
-        while pending:  # a failed build fails the request; the wait keeps the heartbeat and can be stopped
+        while pending:  # a failed build fails the request; the wait yields, so it keeps the heartbeat
             done, pending = wait(pending, timeout=0.2)
             for f in done:
                 f.result()
-            if pending and on_layer is not None:
-                on_layer(s.n_layers - 1)
+            if pending:
+                yield s.n_layers
         t2 = time.perf_counter()
         return logits, [PrefillStats(N, t1 - t0, t2 - t1, kv.build_seconds(), kv.offloaded_tokens()) for kv in kvs]
 
-    @torch.inference_mode()
     def decode(self, token: int, pos: int, kv: SequenceKV, top_k: int, capture=None) -> torch.Tensor:
-        """One token at position `pos` through every layer -> logits (V,) float32. `capture(l, o)`, if
-        given, sees each layer's attention output (benchmarks compare modes with it)."""
+        """One token of one sequence -> logits (V,) float32 (decode_batch with a batch of one)."""
+        cap = None if capture is None else (lambda l, o: capture(l, o[0]))
+        return self.decode_batch([token], [pos], [kv], [top_k], cap)[0]
+
+    @torch.inference_mode()
+    def decode_batch(self, tokens: list[int], positions: list[int], kvs: list[SequenceKV], top_ks: list[int],
+                     capture=None) -> torch.Tensor:
+        """One decode step of B sequences: token b at position positions[b] over kvs[b] -> logits (B, V)
+        float32. The weights are applied once for the batch; per layer, each sequence's static part is
+        queued on the device before any CPU lookup runs, so the device works while the CPU searches.
+        `capture(l, o)`, if given, sees each layer's attention output (B, H, d)."""
         m, s = self.model, self.model.shape
-        self._tok.fill_(token)
-        self._pos.fill_(pos)
-        h = m.embed[self._tok]
-        cos, sin = m.rope(self._pos)
-        slot = kv.next_slot(token)
+        B = len(kvs)
+        ints = torch.tensor([*tokens, *positions], dtype=torch.long).to(self.device, non_blocking=True)
+        h = m.embed[ints[:B]]
+        cos, sin = m.rope(ints[B:])
+        slots = [kv.next_slot(t) for kv, t in zip(kvs, tokens)]
         with self._decode_backends():
             for l in range(s.n_layers):
                 q, k, v = m.qkv(l, h, cos, sin)
-                kv.write(l, slot, k[0], v[0])
-                o = kv.attend(l, q[0], top_k)
+                for b, kv in enumerate(kvs):
+                    kv.write(l, slots[b], k[b], v[b])
+                parts = [kv.begin_attend(l, q[b]) for b, kv in enumerate(kvs)]
+                o = torch.stack([kv.end_attend(l, p, t) for kv, p, t in zip(kvs, parts, top_ks)])
                 if capture is not None:
                     capture(l, o)
-                m.finish_layer(l, h, o[None])
-        return m.logits(h[0])
+                m.finish_layer(l, h, o)
+        return m.logits(h)

@@ -5,10 +5,15 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Generator
 
 from .attention import AttentionConfig
 from .sampling import SampleResult, SamplingParams
+
+if TYPE_CHECKING:
+    from .detokenize import IncrementalDetokenizer
+    from .kv import SequenceKV
+    from .sampling import Sampler
 
 _ids = itertools.count()
 
@@ -45,3 +50,15 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() after which the request ends (--request-timeout)
+    # set by the engine thread once the request leaves the queue
+    kv: SequenceKV | None = None
+    prefill: Generator[int, None, Any] | None = None  # the prefill in progress (ModelRunner.prefill_steps)
+    sampler: Sampler | None = None
+    detok: IncrementalDetokenizer | None = None
+    stop_ids: set[int] = field(default_factory=set)
+    started: float | None = None   # time.monotonic() when its prefill began
+    first_token: float | None = None
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.request.prompt_ids)

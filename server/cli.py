@@ -36,6 +36,9 @@ ENGINE_FLAGS = {
     "request_timeout": (float, 0.0, "seconds a request may take from when the engine queues it to its last token "
                                     "(0: no limit); "
                                     "past it, it ends with finish_reason 'length', even before its first token"),
+    "max_num_seqs": (int, 8, "requests that run at once and share each decode step (more wait in the queue)"),
+    "prefill_slice": (float, 0.25, "seconds of a new request's prefill between two decode steps of the running "
+                                   "requests (their largest gap between tokens while a long prompt is prefilled)"),
     "stall_timeout": (float, 120.0, "when the engine makes no progress (a layer, a token) for this many seconds, "
                                    "/health and the requests waiting on it answer 503"),
 }
@@ -106,7 +109,8 @@ def engine_config(a: dict):
     return EngineConfig(model=a["model"], load_format=a["load_format"], device=a["device"], dtype=a["dtype"],
                         attention=att, max_model_len=a["max_model_len"], max_queue=a.get("max_queue", 64),
                         cpu_threads=a["cpu_threads"], request_timeout=a["request_timeout"],
-                        stall_timeout=a["stall_timeout"])
+                        stall_timeout=a["stall_timeout"], max_num_seqs=a["max_num_seqs"],
+                        prefill_slice=a["prefill_slice"])
 
 
 def cmd_serve(ns):

@@ -24,7 +24,7 @@ def test_fifty_requests_leave_memory_flat(engine, long_prompt):
 
         def on(o):
             if not live or live[-1][0] != o.request_id:
-                live.append((o.request_id, weakref.ref(engine.current_kv), engine.cpu_kv_bytes()))
+                live.append((o.request_id, weakref.ref(engine.kv_of(o.request_id)), engine.cpu_kv_bytes()))
             if o.finish_reason:
                 assert o.finish_reason in ("stop", "length"), o.error
                 done.set()

@@ -1,0 +1,88 @@
+"""Many requests in one decode step: each gets exactly what it gets alone, whatever shares its step."""
+import threading
+
+import pytest
+
+from engine.attention import AttentionConfig
+from engine.sampling import SamplingParams
+from engine.sequence import Request
+
+SMALL = dict(sink=16, window=32, evict_block=8)
+# modes, retrieval sizes, static parts and sampling settings that differ within one batch
+MIXES = [
+    (AttentionConfig(mode="retrieval", **SMALL), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)),
+    (AttentionConfig(mode="full"), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)),
+    (AttentionConfig(mode="streaming", **SMALL), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)),
+    (AttentionConfig(mode="flat", top_k=20, **SMALL), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)),
+    (AttentionConfig(mode="hnsw", **SMALL), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)),
+    (AttentionConfig(mode="retrieval", top_k=10, sink=4, window=64, evict_block=16),
+     SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)),
+    (AttentionConfig(mode="retrieval", **SMALL),
+     SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)),
+    (AttentionConfig(mode="flat", **SMALL),
+     SamplingParams(max_tokens=40, temperature=0, frequency_penalty=0.5, ignore_eos=True)),
+]
+
+
+def requests(long_prompt, tag):
+    # prompts of different lengths, so sequences sit at different positions in every step
+    return [Request(long_prompt[: 150 + 60 * i], sp, att, request_id=f"{tag}-{i}") for i, (att, sp) in enumerate(MIXES)]
+
+
+def run_together(engine, reqs, on_each=None):
+    outs = {r.request_id: [] for r in reqs}
+    done = threading.Semaphore(0)
+    running = []
+
+    def cb(o):
+        outs[o.request_id].append(o)
+        running.append(engine.num_running)
+        if on_each is not None:
+            on_each(o)
+        if o.finish_reason:
+            done.release()
+
+    for r in reqs:
+        engine.submit(r, cb)
+    for _ in reqs:
+        assert done.acquire(timeout=300)
+    return outs, max(running)
+
+
+@pytest.fixture(scope="module")
+def alone(engine, long_prompt):
+    """Each request run by itself: the reference."""
+    return [[o.token for o in engine.generate(r)] for r in requests(long_prompt, "alone")]
+
+
+def test_batched_greedy_and_seeded_outputs_equal_each_run_alone(engine, long_prompt, alone):
+    reqs = requests(long_prompt, "batch")
+    outs, most = run_together(engine, reqs)
+    assert most >= 6, f"at most {most} requests ever ran together: this did not test batching"
+    for r, ref in zip(reqs, alone):
+        got = outs[r.request_id]
+        assert got[-1].finish_reason == "length", got[-1].error
+        assert [o.token for o in got] == ref, f"{r.request_id} ({r.attention.mode}) differs when batched"
+    assert engine.cpu_kv_bytes() == 0
+
+
+def test_a_disconnect_mid_batch_frees_that_request_at_once_and_changes_no_other(engine, long_prompt, alone):
+    reqs = requests(long_prompt, "drop")
+    victim = reqs[0].request_id
+    after = {}  # other requests' tokens since the abort: a second one comes from a later step
+    freed = []
+
+    def on_each(o):
+        if o.request_id == victim and o.num_generated == 5 and not o.finish_reason:
+            engine.abort(victim)  # the client is gone
+            after["since"] = True
+        elif "since" in after and o.request_id != victim and o.token is not None:
+            after[o.request_id] = after.get(o.request_id, 0) + 1
+            if after[o.request_id] == 2:
+                freed.append(engine.kv_of(victim) is None)
+
+    outs, _ = run_together(engine, reqs, on_each)
+    assert outs[victim][-1].finish_reason == "abort" and len(outs[victim]) <= 7
+    assert freed and all(freed), "the KV of an aborted request outlived the next step"
+    for r, ref in zip(reqs[1:], alone[1:]):
+        assert [o.token for o in outs[r.request_id]] == ref
