@@ -83,7 +83,7 @@ def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int, p
             tokens.append(int(torch.argmax(logits)))  # syncs: the step is complete
             lat.append(time.perf_counter() - t)
             retr.append(kv.take_retrieval_seconds())
-            wait.append(kv.take_wait_seconds())
+            wait.append(engine.runner.take_wait_seconds())
         warm = lat[2:] if len(lat) > 4 else lat  # first steps include lazy allocations / JIT loads
         lat_sorted = sorted(warm)
 

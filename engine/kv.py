@@ -3,8 +3,10 @@
 Device side, per layer: a buffer of `sink` slots followed by a ring of C slots (C >= window +
 evict_block, a multiple of evict_block) with one additive bias row (0 = valid, -inf = free). A new
 token takes the next ring slot; when the ring is full, its oldest `evict_block` tokens move to the CPU
-store of every layer at once (one copy), where they are indexed and stay searchable. `full` mode is
-the same buffer with no sink and a ring large enough for the whole request, so it never evicts.
+store of every layer at once (one copy), where they are indexed and stay searchable. The buffer is one
+row of a StaticPool shared by every request of the same (sink, ring) size, so that a decode step writes
+and attends for all of them with one op per layer. `full` mode has its own buffer with no sink and a
+ring large enough for the whole request, so it never evicts.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 
 from index import OffloadedStore, graph_knn
 
-from .attention import AttentionConfig, merge_partial_attention, partial_attention
+from .attention import AttentionConfig
 from .model import ModelShape
 
 
@@ -55,11 +57,71 @@ class Occurrences:
         return self.by_token[max(lo, hi - self.limit): hi]
 
 
+class StaticPool:
+    """The static parts (sink + ring, n slots, float32) of several requests: K/V (L, R, G, n, d) and the
+    bias (R, n), one row per request. A batch attends over rows [0, hi) at once, the free rows among them
+    included and their results dropped: cheaper than gathering the rows. Rows are taken lowest first,
+    so the rows in use stay packed; the pool grows by doubling and frees its memory when empty."""
+
+    def __init__(self, shape: ModelShape, n: int, device: torch.device):
+        self.shape, self.n, self.device = shape, n, device
+        self.used: list[bool] = []
+        self.k = self.v = self.bias = None
+
+    def _resize(self, R: int):
+        s = self.shape
+        k = torch.zeros(s.n_layers, R, s.n_kv_heads, self.n, s.head_dim, device=self.device)
+        v = torch.zeros_like(k)
+        bias = torch.full((R, self.n), float("-inf"), device=self.device)
+        if self.k is not None:
+            r = self.k.shape[1]
+            k[:, :r], v[:, :r], bias[:r] = self.k, self.v, self.bias
+        self.k, self.v, self.bias = k, v, bias
+
+    def alloc(self) -> int:
+        row = next((i for i, u in enumerate(self.used) if not u), len(self.used))
+        if row == len(self.used):
+            self.used.append(True)
+            if self.k is None or row >= self.k.shape[1]:
+                self._resize(max(1, 2 * row))
+        self.used[row] = True
+        self.k[:, row] = 0.0
+        self.v[:, row] = 0.0
+        self.bias[row] = float("-inf")
+        return row
+
+    def release(self, row: int):
+        self.used[row] = False
+        while self.used and not self.used[-1]:
+            self.used.pop()
+        if not self.used:
+            self.k = self.v = self.bias = None
+
+    @property
+    def rows(self) -> int:
+        """Rows a batch attends over: up to the last one in use."""
+        return len(self.used)
+
+
+class StaticPools:
+    """One StaticPool per static-part size; the engine shares one set between its requests."""
+
+    def __init__(self, shape: ModelShape, device: torch.device):
+        self.shape, self.device = shape, device
+        self.pools: dict[int, StaticPool] = {}
+
+    def get(self, n: int) -> StaticPool:
+        if n not in self.pools:
+            self.pools[n] = StaticPool(self.shape, n, self.device)
+        return self.pools[n]
+
+
 class SequenceKV:
     def __init__(self, shape: ModelShape, cfg: AttentionConfig, total_len: int, device: torch.device,
-                 dtype: torch.dtype, copy_scores: np.ndarray | None = None):
+                 dtype: torch.dtype, copy_scores: np.ndarray | None = None, pools: StaticPools | None = None):
         """copy_scores (n_layers, n_heads), the engine's: in `retrieval` mode the heads at or above
-        cfg.copy_threshold scan their offloaded keys exactly (see engine/heads.py)."""
+        cfg.copy_threshold scan their offloaded keys exactly (see engine/heads.py). pools: where the static
+        part lives (the engine's, shared with the requests it batches; default: a pool of its own)."""
         self.shape, self.cfg, self.device, self.total_len = shape, cfg, device, total_len
         L, G, H, d = shape.n_layers, shape.n_kv_heads, shape.n_heads, shape.head_dim
         B = cfg.evict_block
@@ -74,10 +136,14 @@ class SequenceKV:
         n = self.S + self.C
         # The static part of the partial modes is small (sink + window), so it is kept in float32: its
         # scores then never round to bf16 before the softmax. `full` keeps the model dtype and uses SDPA.
-        sdtype = dtype if self.full else torch.float32
-        self.k = torch.zeros(L, G, n, d, device=device, dtype=sdtype)
-        self.v = torch.zeros(L, G, n, d, device=device, dtype=sdtype)
-        self.bias = torch.full((n,), float("-inf"), device=device)
+        if self.full:
+            self.pool, self.row = None, -1
+            self._k = torch.zeros(L, G, n, d, device=device, dtype=dtype)
+            self._v = torch.zeros(L, G, n, d, device=device, dtype=dtype)
+            self._bias = torch.full((n,), float("-inf"), device=device)
+        else:
+            self.pool = (pools or StaticPools(shape, device)).get(n)
+            self.row = self.pool.alloc()
         self.written = 0  # ring writes so far
         self.evicted = 0  # ring slots handed to the CPU store (or dropped, in streaming mode)
         self.scale = shape.head_dim ** -0.5
@@ -93,20 +159,24 @@ class SequenceKV:
         self.ring_tok = np.zeros(self.C, np.int64)  # token in each ring slot, for the occurrences
         self.cur_occ: np.ndarray | None = None
         pin = device.type == "cuda"
-        # small host<->device buffers of the per-layer CPU step, allocated once per request
-        self.q_host = torch.empty(H, d, dtype=torch.float32, pin_memory=pin)
-        self.o_host = torch.empty(H, d, dtype=torch.float32, pin_memory=pin)
-        self.ms_host = torch.empty(2, H, dtype=torch.float32, pin_memory=pin)
-        self.o_dev = torch.empty(H, d, dtype=torch.float32, device=device)
-        self.ms_dev = torch.empty(2, H, dtype=torch.float32, device=device)
-        self.q_ready = torch.cuda.Event() if pin else None
-        # numpy views of the host buffers, made once: the per-layer call then creates no objects
-        self._q_np, self._o_np, self._ms_np = self.q_host.numpy(), self.o_host.numpy(), self.ms_host.numpy()
         self.evict_k = torch.empty(L, G, B, d, dtype=torch.float32, pin_memory=pin) if kind else None
         self.evict_v = torch.empty_like(self.evict_k) if kind else None
         self.split = (0, 0, 0)
-        self._retrieval_s = self._wait_s = 0.0
+        self._retrieval_s = 0.0
         self._retrieval_calls = 0
+
+    # the static part: a row of the pool (looked up each time: the pool may have grown)
+    @property
+    def k(self) -> torch.Tensor:
+        return self._k if self.pool is None else self.pool.k[:, self.row]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self._v if self.pool is None else self.pool.v[:, self.row]
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self._bias if self.pool is None else self.pool.bias[self.row]
 
     # ------------------------------------------------------------------ prefill
     def plan_prefill(self, ids: list[int]) -> tuple[int, int, int]:
@@ -193,7 +263,7 @@ class SequenceKV:
         bias = torch.full((C,), float("-inf"), device=self.device)
         ring_tok = np.zeros(C, np.int64)
         k[:, :, : self.C], v[:, :, : self.C], bias[: self.C], ring_tok[: self.C] = self.k, self.v, self.bias, self.ring_tok
-        self.k, self.v, self.bias, self.ring_tok, self.C = k, v, bias, ring_tok, C
+        self._k, self._v, self._bias, self.ring_tok, self.C = k, v, bias, ring_tok, C
 
     def _evict_block(self):
         B = self.cfg.evict_block
@@ -214,48 +284,29 @@ class SequenceKV:
         self.k[l, :, slot] = k
         self.v[l, :, slot] = v
 
-    def attend(self, l: int, q: torch.Tensor, top_k: int) -> torch.Tensor:
-        """q (H, d) roped -> attention output (H, d): device static part || CPU retrieved part, merged."""
-        return self.end_attend(l, self.begin_attend(l, q), top_k)
+    def attend_full(self, l: int, q: torch.Tensor) -> torch.Tensor:
+        """`full` mode: q (H, d) over every token so far -> (H, d). The query heads of a KV group go in as
+        that group's "sequence" (one position, no mask), so SDPA's fused kernels read each K/V once."""
+        hi = self.written
+        G, d = self.k.shape[1], q.shape[-1]
+        o = F.scaled_dot_product_attention(q.view(1, G, -1, d), self.k[None, l, :, :hi], self.v[None, l, :, :hi])
+        return o.view(-1, d)
 
-    def begin_attend(self, l: int, q: torch.Tensor):
-        """Queue layer l's device work for query q (H, d): the copy of q for the CPU lookup and the
-        attention over the static part. Returns what end_attend needs; the host does not wait here, so a
-        batch queues every sequence's device work before the first CPU lookup starts."""
-        hi = self.S + min(self.C, self.written)
-        if self.full:
-            # every slot up to hi is valid. The query heads of a KV group go in as that group's "sequence"
-            # (one position, no mask), so SDPA's fused kernels read each K/V once; softmax in float32 inside.
-            G, d = self.k.shape[1], q.shape[-1]
-            o = F.scaled_dot_product_attention(q.view(1, G, -1, d), self.k[None, l, :, :hi], self.v[None, l, :, :hi])
-            return o.view(-1, d)
-        store = self.stores[l] if self.stores is not None else None
-        qf = q.float()
-        if store is not None and store.n > 0:
-            self.q_host.copy_(qf, non_blocking=True)
-            if self.q_ready is not None:
-                self.q_ready.record()
-        return partial_attention(qf, self.k[l, :, :hi], self.v[l, :, :hi], self.bias[:hi], self.scale), q.dtype
+    def has_offloaded(self, l: int) -> bool:
+        return self.stores is not None and self.stores[l].n > 0
 
-    def end_attend(self, l: int, part, top_k: int) -> torch.Tensor:
-        """The CPU lookup of layer l (if its store has keys), merged with the static part -> (H, d)."""
-        if self.full:
-            return part
-        (o_w, m_w, s_w), dtype = part
-        store = self.stores[l] if self.stores is not None else None
-        if store is None or store.n == 0:
-            return o_w.to(dtype)
+    def lookup(self, l: int, q: np.ndarray, top_k: int, out_o: np.ndarray, out_m: np.ndarray, out_s: np.ndarray):
+        """Layer l's CPU part for q (H, d) float32 on the host: top-k offloaded keys per head and the
+        partial attention over them -> out_o (H, d), out_m/out_s (H,) (m = -inf, s = 0: no keys)."""
+        if not self.has_offloaded(l):
+            out_o[:] = 0.0
+            out_m[:] = -np.inf
+            out_s[:] = 0.0
+            return
         t = time.perf_counter()
-        if self.q_ready is not None:
-            self.q_ready.synchronize()
-        t1 = time.perf_counter()
-        store.attend(self._q_np, top_k, self.scale, self._o_np, self._ms_np[0], self._ms_np[1], self.cur_occ)
-        self._wait_s += t1 - t
-        self._retrieval_s += time.perf_counter() - t1
+        self.stores[l].attend(q, top_k, self.scale, out_o, out_m, out_s, self.cur_occ)
+        self._retrieval_s += time.perf_counter() - t
         self._retrieval_calls += 1
-        self.o_dev.copy_(self.o_host, non_blocking=True)
-        self.ms_dev.copy_(self.ms_host, non_blocking=True)
-        return merge_partial_attention(o_w, m_w, s_w, self.o_dev, self.ms_dev[0], self.ms_dev[1]).to(dtype)
 
     # ------------------------------------------------------------------ accounting
     def take_retrieval_seconds(self) -> float:
@@ -263,11 +314,6 @@ class SequenceKV:
         calls, secs = self._retrieval_calls, self._retrieval_s
         self._retrieval_s, self._retrieval_calls = 0.0, 0
         return secs / calls if calls else 0.0
-
-    def take_wait_seconds(self) -> float:
-        """Seconds the host waited for the device (each layer's query copy) since the last call."""
-        secs, self._wait_s = self._wait_s, 0.0
-        return secs
 
     def build_seconds(self) -> float:
         return sum(s.build_seconds for s in self.stores) if self.stores is not None else 0.0
@@ -281,4 +327,7 @@ class SequenceKV:
 
     def free(self):
         self.stores = None
-        self.k = self.v = None
+        if self.pool is not None:
+            self.pool.release(self.row)
+            self.pool = None
+        self._k = self._v = None

@@ -29,7 +29,7 @@ from index import warm_up
 from .attention import AttentionConfig
 from .detokenize import IncrementalDetokenizer
 from .heads import copy_scores
-from .kv import SequenceKV
+from .kv import SequenceKV, StaticPools
 from .logging_context import request_id
 from .loader import EMBEDDED, load_model
 from .model_runner import ModelRunner, PrefillStats
@@ -110,6 +110,7 @@ class Engine:
         self.eos_ids = self._eos_ids()
         self.copy_scores = copy_scores(self.model)  # (L, H): heads that retrieval scans exactly
         self.runner = ModelRunner(self.model, config.build_threads)
+        self.pools = StaticPools(self.shape, self.device)  # the running requests' static parts, batched
         warm_up()  # the CPU kernels compile here, not inside the first request that offloads
         self.scheduler = Scheduler(config.max_num_seqs, config.max_queue)
         self._seqs: dict[str, Sequence] = {}
@@ -337,7 +338,7 @@ class Engine:
             return
         try:
             seq.kv = SequenceKV(self.shape, seq.attention, seq.num_prompt + sp.max_tokens, self.device,
-                                self.model.dtype, self.copy_scores)
+                                self.model.dtype, self.copy_scores, self.pools)
             seq.prefill = self.runner.prefill_steps(seq.request.prompt_ids, [seq.kv])
             seq.sampler = Sampler(sp, self.shape.vocab_size, self.device)
             seq.detok = IncrementalDetokenizer(self.tokenizer, sp.stop) if self.tokenizer is not None else None

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from .attention import merge_partial_attention, partial_attention
 from .kv import SequenceKV
 from .model import Transformer
 
@@ -60,6 +61,8 @@ class ModelRunner:
         # (H200, 128K, one layer: ~40 ms by default, 1.7 ms forced cuDNN, 0.18 ms flash; bench/attention_kernels.py)
         self._decode_backends = ((lambda: sdpa_kernel(DECODE_BACKENDS)) if self.device.type == "cuda"
                                  else contextlib.nullcontext)
+        self._buf: _StepBuffers | None = None
+        self._wait_s = 0.0
 
     def prefill(self, ids: list[int], kv: SequenceKV, capture=None,
                 on_layer: Callable[[int], None] | None = None) -> tuple[torch.Tensor, PrefillStats]:
@@ -160,23 +163,114 @@ class ModelRunner:
     def decode_batch(self, tokens: list[int], positions: list[int], kvs: list[SequenceKV], top_ks: list[int],
                      capture=None) -> torch.Tensor:
         """One decode step of B sequences: token b at position positions[b] over kvs[b] -> logits (B, V)
-        float32. The weights are applied once for the batch; per layer, each sequence's static part is
-        queued on the device before any CPU lookup runs, so the device works while the CPU searches.
-        `capture(l, o)`, if given, sees each layer's attention output (B, H, d)."""
+        float32. The weights are applied once for the batch. Per layer, the sequences that share a
+        static pool are written and attended with one op each; every sequence's device work is queued
+        before the CPU lookups run, so the device works while the CPU searches; the partial results merge
+        in one op. `capture(l, o)`, if given, sees each layer's attention output (B, H, d)."""
         m, s = self.model, self.model.shape
-        B = len(kvs)
-        ints = torch.tensor([*tokens, *positions], dtype=torch.long).to(self.device, non_blocking=True)
-        h = m.embed[ints[:B]]
-        cos, sin = m.rope(ints[B:])
+        B, dev = len(kvs), self.device
+        buf = self._buffers(B)
         slots = [kv.next_slot(t) for kv, t in zip(kvs, tokens)]
+        groups, full = _group(kvs)
+        ints = [*tokens, *positions]
+        for pool, idx in groups:
+            ints += [*idx, *(kvs[b].row for b in idx), *(slots[b] for b in idx)]
+        ints = torch.tensor(ints, dtype=torch.long).to(dev, non_blocking=True)
+        h = m.embed[ints[:B]]
+        cos, sin = m.rope(ints[B: 2 * B])
+        at, gidx = 2 * B, []
+        for pool, idx in groups:  # (batch indices, pool rows, slots) of each group, on the device
+            n = len(idx)
+            gidx.append((None if n == B else ints[at: at + n], ints[at + n: at + 2 * n], ints[at + 2 * n: at + 3 * n]))
+            at += 3 * n
         with self._decode_backends():
             for l in range(s.n_layers):
                 q, k, v = m.qkv(l, h, cos, sin)
-                for b, kv in enumerate(kvs):
-                    kv.write(l, slots[b], k[b], v[b])
-                parts = [kv.begin_attend(l, q[b]) for b, kv in enumerate(kvs)]
-                o = torch.stack([kv.end_attend(l, p, t) for kv, p, t in zip(kvs, parts, top_ks)])
+                for (pool, _), (bi, rows, sl) in zip(groups, gidx):
+                    pool.k[l, rows, :, sl] = _take(k, bi).float()
+                    pool.v[l, rows, :, sl] = _take(v, bi).float()
+                for b in full:
+                    kvs[b].write(l, slots[b], k[b], v[b])
+                cpu = [b for b in range(B) if kvs[b].has_offloaded(l)]
+                if cpu:
+                    buf.q_host[:B].copy_(q.float(), non_blocking=True)
+                    if buf.q_ready is not None:
+                        buf.q_ready.record()
+                o = torch.empty_like(q)
+                static = []
+                for (pool, _), (bi, rows, _) in zip(groups, gidx):  # queued on the device
+                    qp = q.new_zeros(pool.rows, *q.shape[1:], dtype=torch.float32)
+                    qp[rows] = _take(q, bi).float()
+                    o_w, m_w, s_w = partial_attention(qp, pool.k[l, : pool.rows], pool.v[l, : pool.rows],
+                                                      pool.bias[: pool.rows], m.scale)
+                    static.append((o_w[rows], m_w[rows], s_w[rows]))
+                for b in full:
+                    o[b] = kvs[b].attend_full(l, q[b])
+                if cpu:
+                    t = time.perf_counter()
+                    if buf.q_ready is not None:
+                        buf.q_ready.synchronize()
+                    self._wait_s += time.perf_counter() - t
+                    for b in range(B):
+                        if kvs[b].full:
+                            continue
+                        kvs[b].lookup(l, buf.q_np[b], top_ks[b], buf.o_np[b], buf.ms_np[0, b], buf.ms_np[1, b])
+                    buf.o_dev[:B].copy_(buf.o_host[:B], non_blocking=True)
+                    buf.ms_dev[:, :B].copy_(buf.ms_host[:, :B], non_blocking=True)
+                for (o_w, m_w, s_w), (bi, _, _) in zip(static, gidx):
+                    if cpu:
+                        o_w = merge_partial_attention(o_w, m_w, s_w, _take(buf.o_dev[:B], bi),
+                                                      _take(buf.ms_dev[0, :B], bi), _take(buf.ms_dev[1, :B], bi))
+                    if bi is None:
+                        o = o_w.to(q.dtype)
+                    else:
+                        o[bi] = o_w.to(q.dtype)
                 if capture is not None:
                     capture(l, o)
                 m.finish_layer(l, h, o)
         return m.logits(h)
+
+    def _buffers(self, B: int) -> "_StepBuffers":
+        if self._buf is None or self._buf.size < B:
+            s = self.model.shape
+            self._buf = _StepBuffers(max(B, 2 * (self._buf.size if self._buf else 4)), s.n_heads, s.head_dim,
+                                     self.device)
+        return self._buf
+
+    def take_wait_seconds(self) -> float:
+        """Seconds the host waited for the device (each layer's query copy) since the last call."""
+        secs, self._wait_s = self._wait_s, 0.0
+        return secs
+
+
+class _StepBuffers:
+    """The host<->device buffers of a decode step's CPU lookups, for up to `size` sequences: pinned on
+    CUDA (asynchronous copies), allocated once and grown, never per step."""
+
+    def __init__(self, size: int, H: int, d: int, device: torch.device):
+        pin = device.type == "cuda"
+        self.size = size
+        self.q_host = torch.empty(size, H, d, dtype=torch.float32, pin_memory=pin)
+        self.o_host = torch.empty(size, H, d, dtype=torch.float32, pin_memory=pin)
+        self.ms_host = torch.empty(2, size, H, dtype=torch.float32, pin_memory=pin)
+        self.o_dev = torch.empty(size, H, d, dtype=torch.float32, device=device)
+        self.ms_dev = torch.empty(2, size, H, dtype=torch.float32, device=device)
+        self.q_ready = torch.cuda.Event() if pin else None
+        # numpy views, made once: the per-layer calls then create no objects
+        self.q_np, self.o_np, self.ms_np = self.q_host.numpy(), self.o_host.numpy(), self.ms_host.numpy()
+
+
+def _group(kvs: list[SequenceKV]):
+    """-> [(pool, batch indices)] of the sequences with a static pool, and the batch indices of `full` ones."""
+    groups: dict[int, tuple] = {}
+    full = []
+    for b, kv in enumerate(kvs):
+        if kv.pool is None:
+            full.append(b)
+        else:
+            groups.setdefault(id(kv.pool), (kv.pool, []))[1].append(b)
+    return list(groups.values()), full
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    return x if idx is None else x[idx]
