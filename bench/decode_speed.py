@@ -98,6 +98,7 @@ def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int, p
             "index_wait_s": round(stats.index_wait_s, 4), "index_build_s_sum": round(stats.build_s, 4),
             "offloaded_tokens": stats.offloaded,
             "decode_ms_median": round(1e3 * statistics.median(warm), 3),
+            "decode_ms_mean": round(1e3 * statistics.mean(warm), 3),  # with the steps that evict a block
             "decode_ms_p90": round(1e3 * lat_sorted[int(0.9 * (len(lat_sorted) - 1))], 3),
             "retrieval_ms_per_layer_median": round(1e3 * statistics.median(retr[2:] or retr), 4),
             # the split of a step: the host returns from decode() after host_ms (CPU retrieval and waits for

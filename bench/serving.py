@@ -13,6 +13,7 @@ GPU machine, Llama-3.1-8B shape with dummy weights, 24 GB card emulated:
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import platform
@@ -52,6 +53,8 @@ class Recorder:
         def on(o):
             if o.token is not None:
                 self.times[rid].append(time.perf_counter())
+                with self._done:  # wakes wait_steady (no polling: it would take the GIL from the engine)
+                    self._done.notify_all()
             if o.finish_reason:
                 self.finish[rid] = o.finish_reason if not o.error else f"{o.finish_reason}: {o.error}"
                 with self._done:
@@ -61,6 +64,22 @@ class Recorder:
         self.submitted[rid] = time.perf_counter()
         self.engine.submit(Request(ids, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True), att,
                                    request_id=rid), on)
+
+    def wait_steady(self, steps: int, timeout: float = 3600):
+        """Until every request has made `steps` tokens after the last one's first token."""
+        def ready():
+            times = list(self.times.values())
+            if any(not t for t in times):
+                return False
+            lo = max(t[0] for t in times)
+            return min(len(t) - bisect.bisect_right(t, lo) for t in times) >= steps
+
+        with self._done:
+            assert self._done.wait_for(ready, timeout), "requests did not reach a steady state"
+
+    def wait_first(self, rid: str, timeout: float = 3600):
+        with self._done:
+            assert self._done.wait_for(lambda: bool(self.times[rid]), timeout), f"{rid} made no token"
 
     def wait(self, timeout: float = 3600):
         with self._done:
@@ -77,11 +96,7 @@ def concurrent_run(engine, prompts, att, max_tokens, tag, steady_steps=0) -> dic
     for i, ids in enumerate(prompts):
         rec.submit(f"{tag}-{i}", ids, att, max_tokens)
     if steady_steps:
-        while any(not t for t in rec.times.values()):
-            time.sleep(0.01)
-        lo = max(t[0] for t in rec.times.values())
-        while min(sum(1 for x in list(t) if x > lo) for t in rec.times.values()) < steady_steps:
-            time.sleep(0.01)
+        rec.wait_steady(steady_steps)
         for rid in rec.times:
             engine.abort(rid)
     rec.wait()
@@ -118,13 +133,10 @@ def gap_run(engine, streams, long_ids, att, max_tokens) -> dict:
     rec = Recorder(engine)
     for i, ids in enumerate(streams):
         rec.submit(f"stream-{i}", ids, att, max_tokens)
-    while any(not t for t in rec.times.values()):
-        time.sleep(0.01)
-    time.sleep(1.0)  # steady decoding
+    rec.wait_steady(8)
     t_sub = time.perf_counter()
     rec.submit("long", long_ids, att, 1)
-    while not rec.times["long"]:
-        time.sleep(0.01)
+    rec.wait_first("long")
     t_first = rec.times["long"][0]
     for i in range(len(streams)):
         engine.abort(f"stream-{i}")
@@ -183,6 +195,7 @@ def main(argv=None):
     ap.add_argument("--gap-streams", type=int, default=2)
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--prefill-slice", type=float, default=0.25)
+    ap.add_argument("--build-threads", type=int, default=0, help="index builds at once on CUDA (0: one per core)")
     ap.add_argument("--out", default="bench/results/serving.json")
     a = ap.parse_args(argv)
 
@@ -191,15 +204,16 @@ def main(argv=None):
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_mem_gb * 2**30 / total))
     max_len = max(a.context, a.gap_context) + a.max_tokens + 64 if a.load_format == "dummy" else None
     engine = Engine(EngineConfig(model=a.model, load_format=a.load_format, device=a.device,
-                                 max_num_seqs=a.max_num_seqs, prefill_slice=a.prefill_slice, max_model_len=max_len))
+                                 max_num_seqs=a.max_num_seqs, prefill_slice=a.prefill_slice, max_model_len=max_len,
+                                 build_threads=a.build_threads))
     att = AttentionConfig(mode=a.mode)
-    conc = [int(x) for x in a.concurrency.split(",")]
-    prompts = [prompt_ids(engine, a.context, seed) for seed in range(1, max(conc + [a.sequential]) + 1)]
+    conc = [int(x) for x in a.concurrency.split(",") if x]
+    prompts = [prompt_ids(engine, a.context, seed) for seed in range(1, max(conc + [a.sequential, a.gap_streams]) + 1)]
     # one short request first: compiles, caches and warms what the first measured run would otherwise pay
     concurrent_run(engine, [prompts[0][:256]], att, 4, "warm")
     report = {"bench": "serving", "model": a.model, "load_format": a.load_format, "dtype": engine.config.dtype,
               "mode": a.mode, "context": len(prompts[0]), "max_tokens": a.max_tokens, "max_num_seqs": a.max_num_seqs,
-              "prefill_slice": a.prefill_slice,
+              "prefill_slice": a.prefill_slice, "build_threads": a.build_threads,
               "command": "python bench/serving.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "env": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                       "device": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu",
@@ -229,7 +243,8 @@ def main(argv=None):
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    plot(report, out.with_suffix(".png"))
+    if report["concurrent"]:
+        plot(report, out.with_suffix(".png"))
     print("wrote", out, json.dumps({k: report.get(k) for k in ("decode_speedup", "concurrent_over_sequential")}))
     engine.shutdown()
 

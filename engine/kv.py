@@ -11,7 +11,7 @@ ring large enough for the whole request, so it never evicts.
 from __future__ import annotations
 
 import time
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, wait
 from dataclasses import replace
 
 import numpy as np
@@ -162,6 +162,9 @@ class SequenceKV:
         self.evict_k = torch.empty(L, G, B, d, dtype=torch.float32, pin_memory=pin) if kind else None
         self.evict_v = torch.empty_like(self.evict_k) if kind else None
         self.split = (0, 0, 0)
+        self.n_offloaded = 0  # keys in each layer's store, once its pending inserts are done
+        self.executor: Executor | None = None  # where evicted blocks are inserted (the runner sets it; None: inline)
+        self._inserts: list[Future] = []  # per layer: the last evicted block's insertion
         self._retrieval_s = 0.0
         self._retrieval_calls = 0
 
@@ -189,6 +192,7 @@ class SequenceKV:
         sink = min(self.S, N)
         win = min(self.W, N - sink)
         self.split = (sink, N - sink - win, win)
+        self.n_offloaded = N - sink - win if self.stores is not None else 0
         self.written = win
         self.ring_tok[:win] = ids[N - win:]
         if self.occ is not None:
@@ -266,19 +270,32 @@ class SequenceKV:
         self._k, self._v, self._bias, self.ring_tok, self.C = k, v, bias, ring_tok, C
 
     def _evict_block(self):
+        """Move the ring's oldest block to every layer's store. The insertions into the indexes run on the
+        executor, one job per layer, off the decode step's path: layer l's next lookup waits for its own
+        (they overlap the device work and the other layers' lookups)."""
         B = self.cfg.evict_block
         a = self.S + self.evicted % self.C
         if self.stores is not None:
+            self._wait_inserts()  # the host buffers below are the previous block's until it is in
             # one device->host copy for all layers, then each layer's store indexes its block
             self.evict_k.copy_(self.k[:, :, a: a + B])
             self.evict_v.copy_(self.v[:, :, a: a + B])
             kh, vh = self.evict_k.numpy(), self.evict_v.numpy()
-            for l, store in enumerate(self.stores):
-                store.append(kh[l], vh[l])
+            if self.executor is None:
+                for l, store in enumerate(self.stores):
+                    store.append(kh[l], vh[l])
+            else:
+                self._inserts = [self.executor.submit(store.append, kh[l], vh[l]) for l, store in enumerate(self.stores)]
+            self.n_offloaded += B
             if self.occ is not None:
                 self.occ.extend(self.ring_tok[a - self.S: a - self.S + B])
         self.bias[a: a + B] = float("-inf")
         self.evicted += B
+
+    def _wait_inserts(self):
+        inserts, self._inserts = self._inserts, []
+        for f in inserts:
+            f.result()
 
     def write(self, l: int, slot: int, k: torch.Tensor, v: torch.Tensor):
         self.k[l, :, slot] = k
@@ -293,7 +310,7 @@ class SequenceKV:
         return o.view(-1, d)
 
     def has_offloaded(self, l: int) -> bool:
-        return self.stores is not None and self.stores[l].n > 0
+        return self.n_offloaded > 0
 
     def lookup(self, l: int, q: np.ndarray, top_k: int, out_o: np.ndarray, out_m: np.ndarray, out_s: np.ndarray):
         """Layer l's CPU part for q (H, d) float32 on the host: top-k offloaded keys per head and the
@@ -303,6 +320,8 @@ class SequenceKV:
             out_m[:] = -np.inf
             out_s[:] = 0.0
             return
+        if self._inserts:
+            self._inserts[l].result()  # this layer's last evicted block is in its index
         t = time.perf_counter()
         self.stores[l].attend(q, top_k, self.scale, out_o, out_m, out_s, self.cur_occ)
         self._retrieval_s += time.perf_counter() - t
@@ -326,6 +345,10 @@ class SequenceKV:
         return self.stores[0].n if self.stores is not None else 0
 
     def free(self):
+        for f in self._inserts:  # none outlives the request (they hold its stores)
+            f.cancel()
+        wait(self._inserts)
+        self._inserts = []
         self.stores = None
         if self.pool is not None:
             self.pool.release(self.row)

@@ -218,6 +218,7 @@ class Engine:
         self.abort_all()
         self._thread.join(timeout=timeout)
         self.runner.pool.shutdown(wait=False, cancel_futures=True)
+        self.runner.insert_pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ engine thread
     def _eos_ids(self) -> set[int]:
@@ -362,6 +363,8 @@ class Engine:
                 except StopIteration as e:
                     logits, stats = e.value
                     break
+                if budget is not None:  # the slice is device time: without this the host runs ahead, queueing
+                    self.runner.sync()  # more prefill work than the budget in front of the next decode step
                 now = self.progress_at = time.monotonic()
                 self.prefill_done = done / L
                 if now - self._prefill_logged >= PROGRESS_LOG_S:

@@ -57,6 +57,10 @@ class ModelRunner:
         # on CUDA the CPU is idle during prefill: index builds overlap the next layers there
         self.pool = (ThreadPoolExecutor(max_workers=build_threads or os.cpu_count(), thread_name_prefix="rattn-build")
                      if self.device.type == "cuda" else InlineExecutor())
+        # evicted blocks go into the indexes here, beside the decode steps; a pool of their own, so that they
+        # never queue behind a new request's index builds
+        self.insert_pool = (ThreadPoolExecutor(max_workers=os.cpu_count(), thread_name_prefix="rattn-insert")
+                            if self.device.type == "cuda" else InlineExecutor())
         # decode on CUDA: SDPA's default picks cuDNN, which plans anew for every K/V length, i.e. every step
         # (H200, 128K, one layer: ~40 ms by default, 1.7 ms forced cuDNN, 0.18 ms flash; bench/attention_kernels.py)
         self._decode_backends = ((lambda: sdpa_kernel(DECODE_BACKENDS)) if self.device.type == "cuda"
@@ -112,6 +116,7 @@ class ModelRunner:
         cos, sin = m.rope(torch.arange(N, device=self.device))
         sampled = []  # per kv: (rows on host, rows on device, gathered queries) for a graph build, else None
         for kv in kvs:
+            kv.executor = self.insert_pool
             kv.plan_prefill(ids)
             rows = kv.query_rows(N)
             sampled.append(None if rows is None else (
@@ -236,6 +241,10 @@ class ModelRunner:
             self._buf = _StepBuffers(max(B, 2 * (self._buf.size if self._buf else 4)), s.n_heads, s.head_dim,
                                      self.device)
         return self._buf
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def take_wait_seconds(self) -> float:
         """Seconds the host waited for the device (each layer's query copy) since the last call."""
