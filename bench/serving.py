@@ -143,7 +143,8 @@ def gap_run(engine, streams, long_ids, att, max_tokens) -> dict:
     rec.wait()
     gaps, during = [], 0
     for i in range(len(streams)):
-        t = [x for x in rec.times[f"stream-{i}"] if x <= t_first]
+        t = rec.times[f"stream-{i}"]
+        t = t[: bisect.bisect_right(t, t_first) + 1]  # up to the first token after the prefill: its gap counts
         seg = [b - a for a, b in zip(t, t[1:]) if b > t_sub]
         gaps += seg
         during += len(seg)

@@ -80,10 +80,10 @@ class StaticPool:
 
     def alloc(self) -> int:
         row = next((i for i, u in enumerate(self.used) if not u), len(self.used))
+        if self.k is None or row >= self.k.shape[1]:
+            self._resize(max(1, 2 * row))  # first: if it fails, the pool is as it was
         if row == len(self.used):
             self.used.append(True)
-            if self.k is None or row >= self.k.shape[1]:
-                self._resize(max(1, 2 * row))
         self.used[row] = True
         self.k[:, row] = 0.0
         self.v[:, row] = 0.0
@@ -141,9 +141,8 @@ class SequenceKV:
             self._k = torch.zeros(L, G, n, d, device=device, dtype=dtype)
             self._v = torch.zeros(L, G, n, d, device=device, dtype=dtype)
             self._bias = torch.full((n,), float("-inf"), device=device)
-        else:
-            self.pool = (pools or StaticPools(shape, device)).get(n)
-            self.row = self.pool.alloc()
+        else:  # a row of the pool, taken last in __init__: nothing after it can fail and leak it
+            self.pool, self.row = None, -1
         self.written = 0  # ring writes so far
         self.evicted = 0  # ring slots handed to the CPU store (or dropped, in streaming mode)
         self.scale = shape.head_dim ** -0.5
@@ -167,6 +166,9 @@ class SequenceKV:
         self._inserts: list[Future] = []  # per layer: the last evicted block's insertion
         self._retrieval_s = 0.0
         self._retrieval_calls = 0
+        if not self.full:
+            self.pool = (pools or StaticPools(shape, device)).get(n)
+            self.row = self.pool.alloc()
 
     # the static part: a row of the pool (looked up each time: the pool may have grown)
     @property
@@ -293,6 +295,7 @@ class SequenceKV:
         self.evicted += B
 
     def _wait_inserts(self):
+        wait(self._inserts)  # all of them, even if one failed: free() then has none to wait for
         inserts, self._inserts = self._inserts, []
         for f in inserts:
             f.result()

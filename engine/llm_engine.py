@@ -324,10 +324,19 @@ class Engine:
         with self._lock:
             self._seqs.pop(seq.request.request_id, None)
         self._emit(seq, out)
-        if self.observer and seq.first_token is not None:
+        if seq.first_token is not None:
             end = time.monotonic()
-            self.observer.on_request_done(RequestTimes(seq.started - seq.arrival, seq.first_token - seq.started,
-                                                       end - seq.first_token))
+            self._observe("on_request_done", RequestTimes(seq.started - seq.arrival, seq.first_token - seq.started,
+                                                          end - seq.first_token))
+
+    def _observe(self, event: str, *args):
+        """Tell the observer (metrics); its failure is logged, never a request's or the engine's."""
+        if self.observer is None:
+            return
+        try:
+            getattr(self.observer, event)(*args)
+        except Exception:
+            log.exception("observer %s failed", event)
 
     # ------------------------------------------------------------------ prefill
     def _start(self, seq: Sequence):
@@ -355,6 +364,7 @@ class Engine:
         try:
             L, t0 = self.shape.n_layers, time.monotonic()
             while True:
+                self._drop_ended_waiting()  # a long prefill runs unsliced when nothing else runs
                 if self._stop_reason(seq):
                     self._end_early(seq)
                     return
@@ -374,8 +384,7 @@ class Engine:
                 if budget is not None and now - t0 >= budget:
                     return
             seq.prefill = None
-            if self.observer:
-                self.observer.on_prefill(stats[0])
+            self._observe("on_prefill", stats[0])
             self.scheduler.prefilled(seq)
             self._accept(seq, logits)
         except Exception as e:  # a failure ends this request, never the engine
@@ -388,22 +397,30 @@ class Engine:
     # ------------------------------------------------------------------ decode
     def _decode_step(self, batch: list[Sequence]):
         """One decode step for every running request, then each one's sampling, stop rules and output."""
-        for seq in [s for s in batch if self._stop_reason(s)]:  # a client gone frees its KV before the step
-            self._end_early(seq)
-            batch.remove(seq)
+        slots, ready = [], []
+        for seq in batch:
+            try:
+                if self._stop_reason(seq):  # a client gone frees its KV before the step
+                    self._end_early(seq)
+                    continue
+                with torch.inference_mode():  # it writes the step's device buffers, made in inference mode
+                    slots.append(seq.kv.next_slot(seq.generated[-1]))  # its own failure (a full buffer) is its own
+                ready.append(seq)
+            except Exception as e:
+                self._fail(seq, e)
+        batch = ready
         if not batch:
             return
         t = time.perf_counter()
         try:
             logits = self.runner.decode_batch([s.generated[-1] for s in batch],
                                               [s.num_prompt + len(s.generated) - 1 for s in batch],
-                                              [s.kv for s in batch], [s.attention.top_k for s in batch])
-        except Exception as e:  # the step's failure is shared by its requests; the engine goes on
+                                              [s.kv for s in batch], [s.attention.top_k for s in batch], slots=slots)
+        except Exception as e:  # a failure inside the step is shared by its requests; the engine goes on
             for seq in batch:
                 self._fail(seq, e)
             return
-        if self.observer:
-            self.observer.on_decode_step(time.perf_counter() - t, sum(s.kv.take_retrieval_seconds() for s in batch))
+        self._observe("on_decode_step", time.perf_counter() - t, sum(s.kv.take_retrieval_seconds() for s in batch))
         for seq, row in zip(batch, logits):
             ctx = request_id.set(seq.request.request_id)
             try:

@@ -166,16 +166,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode_batch(self, tokens: list[int], positions: list[int], kvs: list[SequenceKV], top_ks: list[int],
-                     capture=None) -> torch.Tensor:
+                     capture=None, slots: list[int] | None = None) -> torch.Tensor:
         """One decode step of B sequences: token b at position positions[b] over kvs[b] -> logits (B, V)
         float32. The weights are applied once for the batch. Per layer, the sequences that share a
         static pool are written and attended with one op each; every sequence's device work is queued
         before the CPU lookups run, so the device works while the CPU searches; the partial results merge
-        in one op. `capture(l, o)`, if given, sees each layer's attention output (B, H, d)."""
+        in one op. `capture(l, o)`, if given, sees each layer's attention output (B, H, d). `slots`: the
+        ring slots already taken for the tokens (kv.next_slot), if the caller took them."""
         m, s = self.model, self.model.shape
         B, dev = len(kvs), self.device
         buf = self._buffers(B)
-        slots = [kv.next_slot(t) for kv, t in zip(kvs, tokens)]
+        if slots is None:
+            slots = [kv.next_slot(t) for kv, t in zip(kvs, tokens)]
         groups, full = _group(kvs)
         ints = [*tokens, *positions]
         for pool, idx in groups:

@@ -86,3 +86,26 @@ def test_a_disconnect_mid_batch_frees_that_request_at_once_and_changes_no_other(
     assert freed and all(freed), "the KV of an aborted request outlived the next step"
     for r, ref in zip(reqs[1:], alone[1:]):
         assert [o.token for o in outs[r.request_id]] == ref
+
+
+def test_pool_rows_are_reused_lowest_first_survive_a_failed_resize_and_free_when_empty(engine, monkeypatch):
+    from engine.kv import StaticPool
+
+    pool = StaticPool(engine.shape, 8, engine.device)
+    rows = [pool.alloc() for _ in range(3)]
+    assert rows == [0, 1, 2] and pool.k.shape[1] == 4
+    pool.release(1)
+    assert pool.alloc() == 1 and pool.rows == 3  # the hole is filled first
+    pool.alloc()  # row 3: the last that fits
+
+    def no_memory(R):
+        raise MemoryError("out of device memory")
+
+    monkeypatch.setattr(pool, "_resize", no_memory)
+    with pytest.raises(MemoryError):
+        pool.alloc()  # row 4 needs a resize that fails
+    assert pool.rows == 4 and pool.k.shape[1] == 4  # the pool is as it was
+    monkeypatch.undo()
+    for r in range(4):
+        pool.release(r)
+    assert pool.rows == 0 and pool.k is None

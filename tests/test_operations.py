@@ -17,7 +17,7 @@ LONG = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long
 
 @pytest.fixture(scope="module")
 def base():
-    with live_server("--sse-keepalive", "0.3") as b:
+    with live_server("--sse-keepalive", "0.3", "--max-num-seqs", "1") as b:  # a second request waits
         yield b
 
 

@@ -202,7 +202,7 @@ def test_openapi_page(base):
 
 
 def test_api_key_and_full_queue():
-    with live_server("--api-key", "sekret", "--max-queue", "1") as b:
+    with live_server("--api-key", "sekret", "--max-queue", "1", "--max-num-seqs", "1") as b:
         assert httpx.get(b + "/health").status_code == 200  # open without a key
         bad = openai.OpenAI(base_url=b + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError) as e:
