@@ -312,13 +312,10 @@ class SequenceKV:
         o = F.scaled_dot_product_attention(q.view(1, G, -1, d), self.k[None, l, :, :hi], self.v[None, l, :, :hi])
         return o.view(-1, d)
 
-    def has_offloaded(self, l: int) -> bool:
-        return self.n_offloaded > 0
-
     def lookup(self, l: int, q: np.ndarray, top_k: int, out_o: np.ndarray, out_m: np.ndarray, out_s: np.ndarray):
         """Layer l's CPU part for q (H, d) float32 on the host: top-k offloaded keys per head and the
         partial attention over them -> out_o (H, d), out_m/out_s (H,) (m = -inf, s = 0: no keys)."""
-        if not self.has_offloaded(l):
+        if self.n_offloaded == 0:
             out_o[:] = 0.0
             out_m[:] = -np.inf
             out_s[:] = 0.0

@@ -186,31 +186,39 @@ class ModelRunner:
         h = m.embed[ints[:B]]
         cos, sin = m.rope(ints[B: 2 * B])
         at, gidx = 2 * B, []
-        for pool, idx in groups:  # (batch indices, pool rows, slots) of each group, on the device
-            n = len(idx)
-            gidx.append((None if n == B else ints[at: at + n], ints[at + n: at + 2 * n], ints[at + 2 * n: at + 3 * n]))
+        for pool, idx in groups:  # (batch indices, pool rows, slots) of each group on the device, and whether
+            n = len(idx)           # its rows are the pool's rows 0..n-1 in order (no scatter and gather needed)
+            dense = pool.rows == n and all(kvs[b].row == r for r, b in enumerate(idx))
+            gidx.append((None if idx == list(range(B)) else ints[at: at + n], ints[at + n: at + 2 * n], ints[at + 2 * n: at + 3 * n],
+                         dense))
             at += 3 * n
+        # per step, not per layer: which sequences look up CPU keys (all layers have the same keys)
+        cpu = [b for b, kv in enumerate(kvs) if not kv.full and kv.n_offloaded > 0]
+        pooled = [b for b, kv in enumerate(kvs) if not kv.full]
+        whole = not full and len(groups) == 1 and gidx[0][0] is None  # the group is the batch, in order
         with self._decode_backends():
             for l in range(s.n_layers):
                 q, k, v = m.qkv(l, h, cos, sin)
-                for (pool, _), (bi, rows, sl) in zip(groups, gidx):
+                for (pool, _), (bi, rows, sl, _) in zip(groups, gidx):
                     pool.k[l, rows, :, sl] = _take(k, bi).float()
                     pool.v[l, rows, :, sl] = _take(v, bi).float()
                 for b in full:
                     kvs[b].write(l, slots[b], k[b], v[b])
-                cpu = [b for b in range(B) if kvs[b].has_offloaded(l)]
                 if cpu:
                     buf.q_host[:B].copy_(q.float(), non_blocking=True)
                     if buf.q_ready is not None:
                         buf.q_ready.record()
-                o = torch.empty_like(q)
+                o = None if whole else torch.empty_like(q)
                 static = []
-                for (pool, _), (bi, rows, _) in zip(groups, gidx):  # queued on the device
-                    qp = q.new_zeros(pool.rows, *q.shape[1:], dtype=torch.float32)
-                    qp[rows] = _take(q, bi).float()
-                    o_w, m_w, s_w = partial_attention(qp, pool.k[l, : pool.rows], pool.v[l, : pool.rows],
-                                                      pool.bias[: pool.rows], m.scale)
-                    static.append((o_w[rows], m_w[rows], s_w[rows]))
+                for (pool, _), (bi, rows, _, dense) in zip(groups, gidx):  # queued on the device
+                    if dense:
+                        qp = _take(q, bi).float()
+                    else:
+                        qp = q.new_zeros(pool.rows, *q.shape[1:], dtype=torch.float32)
+                        qp[rows] = _take(q, bi).float()
+                    part = partial_attention(qp, pool.k[l, : pool.rows], pool.v[l, : pool.rows],
+                                             pool.bias[: pool.rows], m.scale)
+                    static.append(part if dense else tuple(x[rows] for x in part))
                 for b in full:
                     o[b] = kvs[b].attend_full(l, q[b])
                 if cpu:
@@ -218,20 +226,18 @@ class ModelRunner:
                     if buf.q_ready is not None:
                         buf.q_ready.synchronize()
                     self._wait_s += time.perf_counter() - t
-                    for b in range(B):
-                        if kvs[b].full:
-                            continue
+                    for b in pooled:
                         kvs[b].lookup(l, buf.q_np[b], top_ks[b], buf.o_np[b], buf.ms_np[0, b], buf.ms_np[1, b])
                     buf.o_dev[:B].copy_(buf.o_host[:B], non_blocking=True)
                     buf.ms_dev[:, :B].copy_(buf.ms_host[:, :B], non_blocking=True)
-                for (o_w, m_w, s_w), (bi, _, _) in zip(static, gidx):
+                for (o_w, m_w, s_w), (bi, _, _, _) in zip(static, gidx):
                     if cpu:
                         o_w = merge_partial_attention(o_w, m_w, s_w, _take(buf.o_dev[:B], bi),
                                                       _take(buf.ms_dev[0, :B], bi), _take(buf.ms_dev[1, :B], bi))
-                    if bi is None:
+                    if whole:
                         o = o_w.to(q.dtype)
                     else:
-                        o[bi] = o_w.to(q.dtype)
+                        o[bi if bi is not None else slice(None)] = o_w.to(q.dtype)
                 if capture is not None:
                     capture(l, o)
                 m.finish_layer(l, h, o)
@@ -280,6 +286,8 @@ def _group(kvs: list[SequenceKV]):
             full.append(b)
         else:
             groups.setdefault(id(kv.pool), (kv.pool, []))[1].append(b)
+    for pool, idx in groups.values():
+        idx.sort(key=lambda b: kvs[b].row)  # rows in order: usually the pool's rows 0..n-1 (see `dense`)
     return list(groups.values()), full
 
 

@@ -109,3 +109,36 @@ def test_pool_rows_are_reused_lowest_first_survive_a_failed_resize_and_free_when
     for r in range(4):
         pool.release(r)
     assert pool.rows == 0 and pool.k is None
+
+
+def test_a_batch_whose_pool_rows_are_out_of_order_decodes_each_sequence_as_alone(engine, long_prompt):
+    import torch
+
+    from engine.kv import SequenceKV, StaticPools
+
+    att = AttentionConfig(mode="retrieval", **SMALL)
+    prompts = [long_prompt[:120], long_prompt[:170], long_prompt[:220]]
+    pools = StaticPools(engine.shape, engine.device)
+
+    def kv(pools_):
+        return SequenceKV(engine.shape, att, 400, engine.device, torch.float32, engine.copy_scores, pools_)
+
+    first = kv(pools)  # row 0, freed below: the third sequence takes it, so batch order != row order
+    batch = [kv(pools), kv(pools)]
+    first.free()
+    batch.append(kv(pools))
+    alone = [kv(None) for _ in prompts]
+    assert [x.row for x in batch] == [1, 2, 0]
+    tokens = []
+    for p, a, b in zip(prompts, batch, alone):
+        la, _ = engine.runner.prefill(p, a)
+        engine.runner.prefill(p, b)
+        tokens.append(int(la.argmax()))
+    for step in range(12):  # past an eviction (evict_block 8)
+        pos = [len(p) + step for p in prompts]
+        together = engine.runner.decode_batch(tokens, pos, batch, [att.top_k] * 3)
+        each = torch.stack([engine.runner.decode(t, q, a, att.top_k) for t, q, a in zip(tokens, pos, alone)])
+        torch.testing.assert_close(together, each, rtol=1e-4, atol=1e-4)
+        tokens = together.argmax(-1).tolist()
+    for x in batch + alone:
+        x.free()
