@@ -102,6 +102,7 @@ def concurrent_run(engine, prompts, att, max_tokens, tag, steady_steps=0) -> dic
     rec.wait()
     t1 = time.perf_counter()
     times = list(rec.times.values())
+    assert all(times), f"a request made no token: {rec.finish}"
     lo, hi = max(t[0] for t in times), min(t[-1] for t in times)
     steady = sum(sum(1 for x in t if lo < x <= hi) for t in times)
     total = sum(len(t) for t in times)
@@ -141,6 +142,8 @@ def gap_run(engine, streams, long_ids, att, max_tokens) -> dict:
     for i in range(len(streams)):
         engine.abort(f"stream-{i}")
     rec.wait()
+    # a stream that ended by itself mid-prefill would leave the rest of it unsliced and unmeasured
+    assert all(rec.finish[f"stream-{i}"] == "abort" for i in range(len(streams))), "raise --max-tokens"
     gaps, during = [], 0
     for i in range(len(streams)):
         t = rec.times[f"stream-{i}"]

@@ -136,13 +136,11 @@ class SequenceKV:
         n = self.S + self.C
         # The static part of the partial modes is small (sink + window), so it is kept in float32: its
         # scores then never round to bf16 before the softmax. `full` keeps the model dtype and uses SDPA.
+        self.pool, self.row = None, -1  # the partial modes take a row of a pool last in __init__ (no leak)
         if self.full:
-            self.pool, self.row = None, -1
             self._k = torch.zeros(L, G, n, d, device=device, dtype=dtype)
             self._v = torch.zeros(L, G, n, d, device=device, dtype=dtype)
             self._bias = torch.full((n,), float("-inf"), device=device)
-        else:  # a row of the pool, taken last in __init__: nothing after it can fail and leak it
-            self.pool, self.row = None, -1
         self.written = 0  # ring writes so far
         self.evicted = 0  # ring slots handed to the CPU store (or dropped, in streaming mode)
         self.scale = shape.head_dim ** -0.5

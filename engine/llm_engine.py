@@ -294,13 +294,12 @@ class Engine:
     def _end_early(self, seq: Sequence):
         """End a request that was aborted or is out of time. Out of time ends it as if it had reached its
         max_tokens (--request-timeout), with no token if it had none yet."""
-        if self._stop_reason(seq) == "abort":
-            self._finish(seq, self._out(seq, None, seq.detok.flush() if seq.detok else "", finish="abort"))
-            return
-        if seq.first_token is None:
+        aborted = self._stop_reason(seq) == "abort"
+        if not aborted and seq.first_token is None:
             log.info("request %s: --request-timeout (%g s) reached before its first token", seq.request.request_id,
                      self.config.request_timeout)
-        self._finish(seq, self._out(seq, None, seq.detok.flush() if seq.detok else "", finish="length"))
+        self._finish(seq, self._out(seq, None, seq.detok.flush() if seq.detok else "",
+                                    finish="abort" if aborted else "length"))
 
     def _fail(self, seq: Sequence, e: Exception):
         log.error("request %s failed", seq.request.request_id, exc_info=e)

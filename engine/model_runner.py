@@ -204,18 +204,19 @@ class ModelRunner:
                     pool.v[l, rows, :, sl] = _take(v, bi).float()
                 for b in full:
                     kvs[b].write(l, slots[b], k[b], v[b])
+                qf = q.float()
                 if cpu:
-                    buf.q_host[:B].copy_(q.float(), non_blocking=True)
+                    buf.q_host[:B].copy_(qf, non_blocking=True)
                     if buf.q_ready is not None:
                         buf.q_ready.record()
                 o = None if whole else torch.empty_like(q)
                 static = []
                 for (pool, _), (bi, rows, _, dense) in zip(groups, gidx):  # queued on the device
                     if dense:
-                        qp = _take(q, bi).float()
+                        qp = _take(qf, bi)
                     else:
-                        qp = q.new_zeros(pool.rows, *q.shape[1:], dtype=torch.float32)
-                        qp[rows] = _take(q, bi).float()
+                        qp = qf.new_zeros(pool.rows, *q.shape[1:])
+                        qp[rows] = _take(qf, bi)
                     part = partial_attention(qp, pool.k[l, : pool.rows], pool.v[l, : pool.rows],
                                              pool.bias[: pool.rows], m.scale)
                     static.append(part if dense else tuple(x[rows] for x in part))

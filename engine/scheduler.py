@@ -65,7 +65,7 @@ class Scheduler:
 
     def wait_for_work(self, timeout: float):
         with self._cv:
-            if self.prefilling is None and not self.running and not self.waiting:
+            if self.idle():
                 self._cv.wait(timeout)
 
     def active(self) -> list[Sequence]:

@@ -39,7 +39,7 @@ class StepOutput:
     error_status: int = 500        # with finish_reason "error": the HTTP status it stands for
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler finds and removes a sequence, never compares prompts
 class Sequence:
     """Engine-side state of one request."""
 

@@ -29,7 +29,7 @@ def requests(long_prompt, tag):
     return [Request(long_prompt[: 150 + 60 * i], sp, att, request_id=f"{tag}-{i}") for i, (att, sp) in enumerate(MIXES)]
 
 
-def run_together(engine, reqs, on_each=None):
+def run_together(engine, reqs, on_each=None, seqs=None):
     outs = {r.request_id: [] for r in reqs}
     done = threading.Semaphore(0)
     running = []
@@ -43,7 +43,9 @@ def run_together(engine, reqs, on_each=None):
             done.release()
 
     for r in reqs:
-        engine.submit(r, cb)
+        seq = engine.submit(r, cb)
+        if seqs is not None:
+            seqs[r.request_id] = seq
     for _ in reqs:
         assert done.acquire(timeout=300)
     return outs, max(running)
@@ -55,15 +57,22 @@ def alone(engine, long_prompt):
     return [[o.token for o in engine.generate(r)] for r in requests(long_prompt, "alone")]
 
 
-def test_batched_greedy_and_seeded_outputs_equal_each_run_alone(engine, long_prompt, alone):
+def no_device_rows_held(engine) -> bool:
+    return all(p.rows == 0 and p.k is None for p in engine.pools.pools.values())
+
+
+def test_batched_greedy_and_seeded_outputs_equal_each_run_alone(engine, long_prompt, alone, monkeypatch):
     reqs = requests(long_prompt, "batch")
+    sizes = []  # sequences per decode step, as the runner saw them
+    real = engine.runner.decode_batch
+    monkeypatch.setattr(engine.runner, "decode_batch", lambda *a, **k: (sizes.append(len(a[2])), real(*a, **k))[1])
     outs, most = run_together(engine, reqs)
-    assert most >= 6, f"at most {most} requests ever ran together: this did not test batching"
+    assert most >= 6 and max(sizes) >= 6, f"at most {max(sizes)} sequences shared a step: this did not test batching"
     for r, ref in zip(reqs, alone):
         got = outs[r.request_id]
         assert got[-1].finish_reason == "length", got[-1].error
         assert [o.token for o in got] == ref, f"{r.request_id} ({r.attention.mode}) differs when batched"
-    assert engine.cpu_kv_bytes() == 0
+    assert engine.cpu_kv_bytes() == 0 and no_device_rows_held(engine)
 
 
 def test_a_disconnect_mid_batch_frees_that_request_at_once_and_changes_no_other(engine, long_prompt, alone):
@@ -79,13 +88,15 @@ def test_a_disconnect_mid_batch_frees_that_request_at_once_and_changes_no_other(
         elif "since" in after and o.request_id != victim and o.token is not None:
             after[o.request_id] = after.get(o.request_id, 0) + 1
             if after[o.request_id] == 2:
-                freed.append(engine.kv_of(victim) is None)
+                freed.append(seqs[victim].kv is None)
 
-    outs, _ = run_together(engine, reqs, on_each)
+    seqs = {}
+    outs, _ = run_together(engine, reqs, on_each, seqs)
     assert outs[victim][-1].finish_reason == "abort" and len(outs[victim]) <= 7
     assert freed and all(freed), "the KV of an aborted request outlived the next step"
     for r, ref in zip(reqs[1:], alone[1:]):
         assert [o.token for o in outs[r.request_id]] == ref
+    assert no_device_rows_held(engine)
 
 
 def test_pool_rows_are_reused_lowest_first_survive_a_failed_resize_and_free_when_empty(engine, monkeypatch):
