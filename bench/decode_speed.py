@@ -62,14 +62,52 @@ def profile_steps(engine: Engine, kv: SequenceKV, tokens: list[int], pos: int, t
                                 "calls_per_step": round(e.count / n, 1)} for e in top]}
 
 
-def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int, profile: int = 0) -> dict:
+def lookup_profile(engine: Engine, kv: SequenceKV, token: int, pos: int, top_k: int, reps: int = 20) -> dict:
+    """One more step, whose CPU lookups record their queries; then a few layers' lookups timed alone for
+    several numba thread counts, with the keys each head scans: is a layer's CPU part work or overhead?"""
+    import numba
+    import numpy as np
+
+    queries = {}
+    real = kv.lookup
+    kv.lookup = lambda l, q, *a: (queries.__setitem__(l, q.copy()), real(l, q, *a))  # noqa: E731
+    try:
+        engine.runner.decode(token, pos, kv, top_k)
+    finally:
+        del kv.lookup
+    L, H, d = engine.shape.n_layers, engine.shape.n_heads, engine.shape.head_dim
+    o, ms = np.empty((H, d), np.float32), np.empty((2, H), np.float32)
+    top = numba.get_num_threads()
+    out = {"numba_threading_layer": numba.threading_layer(), "layers": []}
+    for l in sorted({0, L // 2, L - 1}):
+        store, q = kv.stores[l], queries[l]
+        _, scanned = store.search(q, top_k, kv.cur_occ)
+        row = {"layer": l, "keys": store.n, "scanned_per_head_mean": round(float(scanned.mean()), 1),
+               "scanned_per_head_max": int(scanned.max()), "ms_by_threads": {}}
+        for t in sorted({1, 2, 4, 8, top}):
+            numba.set_num_threads(min(t, top))
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                store.attend(q, top_k, kv.scale, o, ms[0], ms[1], kv.cur_occ)
+                times.append(time.perf_counter() - t0)
+            row["ms_by_threads"][t] = round(1e3 * statistics.median(times), 4)
+        numba.set_num_threads(top)
+        out["layers"].append(row)
+    return out
+
+
+def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int, profile: int = 0,
+             graphs: bool = True, profile_lookups: bool = False) -> dict:
     dev = engine.device
+    engine.runner.use_graphs = graphs
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
     kv = None
     try:
-        kv = SequenceKV(engine.shape, att, len(ids) + steps, dev, engine.model.dtype, engine.copy_scores)
+        kv = SequenceKV(engine.shape, att, len(ids) + steps, dev, engine.model.dtype, engine.copy_scores,
+                        engine.pools)
         sync(dev)
         t0 = time.perf_counter()
         logits, stats = engine.runner.prefill(ids, kv)
@@ -93,6 +131,7 @@ def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int, p
         n_cpu = sum(1 for st in kv.stores or [] if st.n > 0)
         out = {
             "mode": att.mode, "top_k": att.top_k, "status": "ok", "prompt_tokens": len(ids),
+            "cuda_graphs": graphs and engine.pools.fixed is not None and kv.pool is engine.pools.fixed,
             "copy_threshold": att.copy_threshold, "exact_heads": int(sum(s.exact.sum() for s in kv.stores or [])),
             "ttft_s": round(ttft, 4), "prefill_compute_s": round(stats.compute_s, 4),
             "index_wait_s": round(stats.index_wait_s, 4), "index_build_s_sum": round(stats.build_s, 4),
@@ -108,6 +147,8 @@ def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int, p
                       "layers_with_cpu_part": n_cpu},
             "cpu_store_bytes": kv.cpu_bytes(), "tokens": tokens,
         }
+        if profile_lookups and kv.stores is not None and kv.n_offloaded:
+            out["lookup_profile"] = lookup_profile(engine, kv, tokens[-1], len(ids) + steps, att.top_k)
         if profile and dev.type == "cuda":
             try:
                 out["profile"] = profile_steps(engine, kv, tokens, len(ids) + steps, att.top_k, profile)
@@ -144,6 +185,10 @@ def main(argv=None):
                     help="also run flat with top_k = all and compare its greedy tokens with full")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="CUDA: this many more steps per mode under torch.profiler (device busy time, top kernels)")
+    ap.add_argument("--profile-lookups", action="store_true",
+                    help="time a few layers' CPU lookups alone by numba thread count, with keys scanned per head")
+    ap.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="on",
+                    help="CUDA: decode steps replay captured graphs, run eagerly, or each mode both ways")
     ap.add_argument("--out", default="bench/results/decode_speed.json")
     a = ap.parse_args(argv)
 
@@ -151,7 +196,8 @@ def main(argv=None):
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_mem_gb * 2**30 / total))
     t = time.perf_counter()
-    engine = Engine(EngineConfig(model=a.model, load_format=a.load_format, device=a.device, dtype=a.dtype))
+    engine = Engine(EngineConfig(model=a.model, load_format=a.load_format, device=a.device, dtype=a.dtype,
+                                 max_num_seqs=1, cuda_graphs=a.cuda_graphs != "off"))
     load_s = time.perf_counter() - t
     ids = prompt_ids(engine, a.context, 0)
     results = []
@@ -162,12 +208,13 @@ def main(argv=None):
         for ct in [float(x) for x in a.copy_thresholds.split(",")] if retrieval else [0.1]:
             for graph in variants if retrieval else [{}]:
                 att = AttentionConfig(mode=mode, top_k=a.top_k, copy_threshold=ct).override(**graph)
-                r = run_mode(engine, ids, att, a.steps, a.profile_steps)
-                if retrieval:
-                    r["graph"] = {"ef": att.index.ef, "degree": att.index.degree, "knn": att.index.knn,
-                                  "queries_per_head": att.graph_queries(len(ids))}
-                print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
-                results.append(r)
+                for graphs in {"on": [True], "off": [False], "both": [True, False]}[a.cuda_graphs]:
+                    r = run_mode(engine, ids, att, a.steps, a.profile_steps, graphs, a.profile_lookups)
+                    if retrieval:
+                        r["graph"] = {"ef": att.index.ef, "degree": att.index.degree, "knn": att.index.knn,
+                                      "queries_per_head": att.graph_queries(len(ids))}
+                    print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
+                    results.append(r)
     exact = None
     if a.check_exact:
         flat_all = run_mode(engine, ids, AttentionConfig(mode="flat", top_k=ALL), min(a.steps, 16))

@@ -58,29 +58,40 @@ class Occurrences:
 
 
 class StaticPool:
-    """The static parts (sink + ring, n slots, float32) of several requests: K/V (L, R, G, n, d) and the
-    bias (R, n), one row per request. A batch attends over rows [0, hi) at once, the free rows among them
-    included and their results dropped: cheaper than gathering the rows. Rows are taken lowest first,
-    so the rows in use stay packed; the pool grows by doubling and frees its memory when empty."""
+    """The static parts (sink + ring, n slots, float32) of several requests: K/V (L, R, G, n + 1, d) and
+    the bias (R, n + 1), one row per request. A batch attends over rows [0, hi) at once, the free rows among
+    them included and their results dropped: cheaper than gathering the rows. Slot n of every row is never
+    used (its bias stays -inf): a decode step writes the K/V of the rows it pads with there. Rows are taken
+    lowest first, so the rows in use stay packed; the pool grows by doubling and frees its memory when
+    empty, unless it is `fixed`: then it holds `fixed` rows from the start and never moves, as the CUDA
+    graphs captured over it require."""
 
-    def __init__(self, shape: ModelShape, n: int, device: torch.device):
-        self.shape, self.n, self.device = shape, n, device
+    def __init__(self, shape: ModelShape, n: int, device: torch.device, fixed: int = 0):
+        self.shape, self.n, self.device, self.fixed = shape, n, device, fixed
+        self.trash = n
         self.used: list[bool] = []
         self.k = self.v = self.bias = None
+        if fixed:
+            self._resize(fixed)
 
     def _resize(self, R: int):
         s = self.shape
-        k = torch.zeros(s.n_layers, R, s.n_kv_heads, self.n, s.head_dim, device=self.device)
+        k = torch.zeros(s.n_layers, R, s.n_kv_heads, self.n + 1, s.head_dim, device=self.device)
         v = torch.zeros_like(k)
-        bias = torch.full((R, self.n), float("-inf"), device=self.device)
+        bias = torch.full((R, self.n + 1), float("-inf"), device=self.device)
         if self.k is not None:
             r = self.k.shape[1]
             k[:, :r], v[:, :r], bias[:r] = self.k, self.v, self.bias
         self.k, self.v, self.bias = k, v, bias
 
+    def has_room(self) -> bool:
+        return not self.fixed or not all(self.used) or len(self.used) < self.fixed
+
     def alloc(self) -> int:
         row = next((i for i, u in enumerate(self.used) if not u), len(self.used))
         if self.k is None or row >= self.k.shape[1]:
+            if self.fixed:
+                raise RuntimeError("static pool full")
             self._resize(max(1, 2 * row))  # first: if it fails, the pool is as it was
         if row == len(self.used):
             self.used.append(True)
@@ -94,7 +105,7 @@ class StaticPool:
         self.used[row] = False
         while self.used and not self.used[-1]:
             self.used.pop()
-        if not self.used:
+        if not self.used and not self.fixed:
             self.k = self.v = self.bias = None
 
     @property
@@ -104,16 +115,32 @@ class StaticPool:
 
 
 class StaticPools:
-    """One StaticPool per static-part size; the engine shares one set between its requests."""
+    """The engine's static pools, shared between its requests: one per static-part size, and a `fixed` one
+    (see `fix`) that takes every request whose static part fits in it while it has a free row."""
 
     def __init__(self, shape: ModelShape, device: torch.device):
         self.shape, self.device = shape, device
         self.pools: dict[int, StaticPool] = {}
+        self.fixed: StaticPool | None = None
+
+    def fix(self, n: int, rows: int) -> StaticPool:
+        """Allocate the fixed pool now: `rows` rows of n slots."""
+        self.fixed = StaticPool(self.shape, n, self.device, fixed=rows)
+        return self.fixed
 
     def get(self, n: int) -> StaticPool:
+        if self.fixed is not None and n <= self.fixed.n and self.fixed.has_room():
+            return self.fixed
         if n not in self.pools:
             self.pools[n] = StaticPool(self.shape, n, self.device)
         return self.pools[n]
+
+
+def static_slots(cfg: AttentionConfig, total_len: int) -> tuple[int, int, int]:
+    """(sink slots S, ring slots C, window W) of a request of total_len tokens in a partial mode: sized by
+    what the request can use, never by a sink or window larger than the request itself."""
+    S, W = min(cfg.sink, total_len), min(cfg.window, max(total_len, 1))
+    return S, _round_up(W + cfg.evict_block, cfg.evict_block), W
 
 
 class SequenceKV:
@@ -131,8 +158,7 @@ class SequenceKV:
         if self.full:
             self.S, self.C, self.W = 0, _round_up(min(max(total_len, 1), FULL_CHUNK), B), total_len
         else:
-            self.S, self.W = min(cfg.sink, total_len), min(cfg.window, max(total_len, 1))
-            self.C = _round_up(self.W + B, B)
+            self.S, self.C, self.W = static_slots(cfg, total_len)
         n = self.S + self.C
         # The static part of the partial modes is small (sink + window), so it is kept in float32: its
         # scores then never round to bf16 before the softmax. `full` keeps the model dtype and uses SDPA.

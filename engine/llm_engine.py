@@ -29,7 +29,7 @@ from index import warm_up
 from .attention import AttentionConfig
 from .detokenize import IncrementalDetokenizer
 from .heads import copy_scores
-from .kv import SequenceKV, StaticPools
+from .kv import SequenceKV, StaticPools, static_slots
 from .logging_context import request_id
 from .loader import EMBEDDED, load_model
 from .model_runner import ModelRunner, PrefillStats
@@ -61,6 +61,7 @@ class EngineConfig:
     max_queue: int = 64                # waiting requests; more get QueueFull (HTTP 429)
     max_num_seqs: int = 8              # requests that share a decode step
     prefill_slice: float = 0.25        # seconds of prefill work at most between two decode steps
+    cuda_graphs: bool = True           # CUDA: decode steps replay graphs captured at start (False: eager)
     build_threads: int = 0             # index builds in parallel on CUDA (0: one per core)
     cpu_threads: int = 0               # numba threads of the retrieval step (0: all cores)
     request_timeout: float = 0.0       # seconds from submit() to the last token (0: none)
@@ -111,6 +112,8 @@ class Engine:
         self.copy_scores = copy_scores(self.model)  # (L, H): heads that retrieval scans exactly
         self.runner = ModelRunner(self.model, config.build_threads)
         self.pools = StaticPools(self.shape, self.device)  # the running requests' static parts, batched
+        if self.device.type == "cuda" and config.cuda_graphs:
+            self._capture_graphs()
         warm_up()  # the CPU kernels compile here, not inside the first request that offloads
         self.scheduler = Scheduler(config.max_num_seqs, config.max_queue)
         self._seqs: dict[str, Sequence] = {}
@@ -121,6 +124,17 @@ class Engine:
         self.prefill_done = 0.0             # share of the current prefill's layers done (0 when none)
         self._thread = threading.Thread(target=self._loop, name="rattn-engine", daemon=True)
         self._thread.start()
+
+    def _capture_graphs(self):
+        """A fixed static pool that holds every running request whose static part fits the default sink +
+        window, and the decode step over it captured for batches of 1, 2, 4, ... max_num_seqs rows."""
+        S, C, _ = static_slots(self.config.attention, self.max_model_len)
+        n = self.config.max_num_seqs
+        pool = self.pools.fix(S + C, n)
+        sizes = sorted({min(1 << i, n) for i in range(n.bit_length() + 1)})
+        t = time.perf_counter()
+        self.runner.capture_graphs(pool, sizes)
+        log.info("decode step captured as CUDA graphs for batches of %s in %.1f s", sizes, time.perf_counter() - t)
 
     # ------------------------------------------------------------------ public API
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

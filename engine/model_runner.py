@@ -14,13 +14,14 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Generator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from .attention import merge_partial_attention, partial_attention
-from .kv import SequenceKV
+from .kv import SequenceKV, StaticPool
 from .model import Transformer
 
 
@@ -65,7 +66,10 @@ class ModelRunner:
         # (H200, 128K, one layer: ~40 ms by default, 1.7 ms forced cuDNN, 0.18 ms flash; bench/attention_kernels.py)
         self._decode_backends = ((lambda: sdpa_kernel(DECODE_BACKENDS)) if self.device.type == "cuda"
                                  else contextlib.nullcontext)
-        self._buf: _StepBuffers | None = None
+        self._buf: _StepBuffers | None = None  # _decode_mixed's
+        self._io: dict[int, _RowIO] = {}  # _decode_rows' per pool
+        self._graphs: dict[int, dict] = {}  # per fixed pool: {rows: {has CPU part: [(point, layer, graph)]}}
+        self.use_graphs = True  # False: every step eager (graphs stay captured)
         self._wait_s = 0.0
 
     def prefill(self, ids: list[int], kv: SequenceKV, capture=None,
@@ -168,16 +172,144 @@ class ModelRunner:
     def decode_batch(self, tokens: list[int], positions: list[int], kvs: list[SequenceKV], top_ks: list[int],
                      capture=None, slots: list[int] | None = None) -> torch.Tensor:
         """One decode step of B sequences: token b at position positions[b] over kvs[b] -> logits (B, V)
-        float32. The weights are applied once for the batch. Per layer, the sequences that share a
-        static pool are written and attended with one op each; every sequence's device work is queued
-        before the CPU lookups run, so the device works while the CPU searches; the partial results merge
-        in one op. `capture(l, o)`, if given, sees each layer's attention output (B, H, d). `slots`: the
-        ring slots already taken for the tokens (kv.next_slot), if the caller took them."""
+        float32. The weights are applied once for the batch; per layer, every sequence's device work is
+        queued before the CPU lookups run, so the device works while the CPU searches, and the partial
+        results merge in one op. `capture(l, o)`, if given, sees each layer's attention output (B, H, d).
+        `slots`: the ring slots already taken for the tokens (kv.next_slot), if the caller took them.
+
+        Sequences that share one static pool (the usual case) run as the pool's rows (`_decode_rows`, CUDA
+        graphs where captured); any other mix of pools and `full` sequences runs `_decode_mixed`."""
+        if slots is None:
+            slots = [kv.next_slot(t) for kv, t in zip(kvs, tokens)]
+        pool = kvs[0].pool
+        if pool is not None and all(kv.pool is pool for kv in kvs):
+            return self._decode_rows(pool, tokens, positions, kvs, top_ks, slots, capture)
+        return self._decode_mixed(tokens, positions, kvs, top_ks, slots, capture)
+
+    # ------------------------------------------------------------------ one pool: a step over its rows
+    def _decode_rows(self, pool: StaticPool, tokens, positions, kvs, top_ks, slots, capture) -> torch.Tensor:
+        """The step over rows [0, Rc) of the pool, each sequence at its own row: no gather or scatter, and a
+        fixed shape per Rc, which CUDA graphs capture (`capture_graphs`). Rows not in the batch are padding:
+        they write to the pool's unused slot and their results are dropped."""
+        graphs = self._graphs.get(id(pool)) if capture is None and self.use_graphs else None
+        Rc = pool.rows if graphs is None else next(r for r in sorted(graphs) if r >= pool.rows)
+        io = self._row_io(pool, Rc)
+        rows = [kv.row for kv in kvs]
+        ints = io.ints_host.numpy()
+        ints[0, :Rc], ints[1, :Rc], ints[2, :Rc] = 0, 0, pool.trash
+        ints[0, rows], ints[1, rows], ints[2, rows] = tokens, positions, slots
+        io.ints.copy_(io.ints_host, non_blocking=True)
+        cpu = [b for b, kv in enumerate(kvs) if not kv.full and kv.n_offloaded > 0]
+        buf = io.buf
+        if cpu:  # rows without CPU keys merge with an empty part
+            buf.o_np[:Rc], buf.ms_np[:Rc, 0], buf.ms_np[:Rc, 1] = 0.0, -np.inf, 0.0
+
+        def lookups(l: int):
+            t = time.perf_counter()
+            if buf.q_ready is not None:
+                buf.q_ready.synchronize()
+            self._wait_s += time.perf_counter() - t
+            for b in cpu:
+                r = rows[b]
+                kvs[b].lookup(l, buf.q_np[r], top_ks[b], buf.o_np[r], buf.ms_np[r, 0], buf.ms_np[r, 1])
+
+        def on(point: str, l: int):
+            if point == "query" and buf.q_ready is not None:
+                buf.q_ready.record()
+            elif point == "lookup":
+                lookups(l)
+
+        if graphs is not None:
+            for point, l, graph in graphs[Rc][bool(cpu)]:
+                graph.replay()
+                on(point, l)
+        else:
+            cap = None if capture is None else (lambda l, o: capture(l, o[rows]))
+            with self._decode_backends():
+                for point, l in self._rows_step(pool, io, Rc, bool(cpu), cap):
+                    on(point, l)
+        return io.logits[rows]
+
+    def _rows_step(self, pool: StaticPool, io: "_RowIO", Rc: int, cpu: bool, capture=None):
+        """The device work of a step over pool rows [0, Rc), as a generator that yields (point, layer) where
+        the host takes part: "query" once the layer's queries are queued for the host, "lookup" once the
+        static attention is queued and the CPU part is due. Run as is (eager), or captured into one CUDA
+        graph per stretch between two yields."""
+        m, s, buf = self.model, self.model.shape, io.buf
+        tok, pos, slot, rows = io.ints[0, :Rc], io.ints[1, :Rc], io.ints[2, :Rc], io.arange[:Rc]
+        h = m.embed[tok]
+        cos, sin = m.rope(pos)
+        for l in range(s.n_layers):
+            q, k, v = m.qkv(l, h, cos, sin)
+            pool.k[l, rows, :, slot] = k.float()
+            pool.v[l, rows, :, slot] = v.float()
+            qf = q.float()
+            if cpu:
+                buf.q_host[:Rc].copy_(qf, non_blocking=True)
+                yield "query", l
+            o, mx, sm = partial_attention(qf, pool.k[l, :Rc], pool.v[l, :Rc], pool.bias[:Rc], m.scale)
+            if cpu:
+                yield "lookup", l
+                buf.o_dev[:Rc].copy_(buf.o_host[:Rc], non_blocking=True)
+                buf.ms_dev[:Rc].copy_(buf.ms_host[:Rc], non_blocking=True)
+                o = merge_partial_attention(o, mx, sm, buf.o_dev[:Rc], buf.ms_dev[:Rc, 0], buf.ms_dev[:Rc, 1])
+            o = o.to(q.dtype)
+            if capture is not None:
+                capture(l, o)
+            m.finish_layer(l, h, o)
+        io.logits[:Rc] = m.logits(h)
+
+    def _row_io(self, pool: StaticPool, Rc: int) -> "_RowIO":
+        io = self._io.get(id(pool))
+        if io is None or io.size < Rc:
+            io = self._io[id(pool)] = _RowIO(max(Rc, pool.k.shape[1]), self.model.shape, self.device)
+        return io
+
+    def capture_graphs(self, pool: StaticPool, sizes: list[int]):
+        """Capture the decode step over the fixed pool's rows as CUDA graphs, for each batch size in `sizes`
+        (a batch runs in the smallest one that holds its rows), with and without a CPU part: one graph for
+        a step without, one per stretch between the host's points for a step with. The graphs share one
+        memory pool (they never run at once) and read and write only the pool and their _RowIO."""
+        assert pool.fixed and self.device.type == "cuda"
+        io = self._row_io(pool, max(sizes))
+        graphs, mem = {}, torch.cuda.graph_pool_handle()
+        with torch.inference_mode(), self._decode_backends():
+            io.ints[:] = 0
+            io.ints[2] = pool.trash  # padding everywhere: the warm-up writes to no request's slots
+            io.buf.o_host.zero_()
+            io.buf.ms_host[:, 0], io.buf.ms_host[:, 1] = float("-inf"), 0.0
+            for Rc in sorted(sizes, reverse=True):
+                graphs[Rc] = {}
+                for cpu in (False, True):
+                    for _ in self._rows_step(pool, io, Rc, cpu):  # warm-up: workspaces, lazy inits
+                        pass
+                    torch.cuda.synchronize(self.device)
+                    graphs[Rc][cpu] = self._capture(self._rows_step(pool, io, Rc, cpu), mem)
+        torch.cuda.synchronize(self.device)
+        self._graphs[id(pool)] = graphs
+
+    @staticmethod
+    def _capture(step, mem) -> list[tuple[str | None, int, torch.cuda.CUDAGraph]]:
+        """One graph per stretch of the generator `step` -> [(the point it ends at, layer, graph)]."""
+        out, done = [], False
+        while not done:
+            g = torch.cuda.CUDAGraph()
+            point, l = None, -1
+            with torch.cuda.graph(g, pool=mem):
+                try:
+                    point, l = next(step)
+                except StopIteration:
+                    done = True
+            out.append((point, l, g))
+        return out
+
+    # ------------------------------------------------------------------ any mix: pools and `full`
+    def _decode_mixed(self, tokens, positions, kvs, top_ks, slots, capture) -> torch.Tensor:
+        """The general step: each pool's sequences are gathered from and scattered back to their rows,
+        `full` sequences attend over their own buffers."""
         m, s = self.model, self.model.shape
         B, dev = len(kvs), self.device
         buf = self._buffers(B)
-        if slots is None:
-            slots = [kv.next_slot(t) for kv, t in zip(kvs, tokens)]
         groups, full = _group(kvs)
         ints = [*tokens, *positions]
         for pool, idx in groups:
@@ -186,22 +318,19 @@ class ModelRunner:
         h = m.embed[ints[:B]]
         cos, sin = m.rope(ints[B: 2 * B])
         at, gidx = 2 * B, []
-        for pool, idx in groups:  # (batch indices, pool rows, slots) of each group on the device, and whether
-            n = len(idx)           # its rows are the pool's rows 0..n-1 in order (no scatter and gather needed)
-            dense = pool.rows == n and all(kvs[b].row == r for r, b in enumerate(idx))
-            gidx.append((None if idx == list(range(B)) else ints[at: at + n], ints[at + n: at + 2 * n], ints[at + 2 * n: at + 3 * n],
-                         dense))
+        for pool, idx in groups:  # (batch indices, pool rows, slots) of each group on the device
+            n = len(idx)
+            gidx.append((ints[at: at + n], ints[at + n: at + 2 * n], ints[at + 2 * n: at + 3 * n]))
             at += 3 * n
         # per step, not per layer: which sequences look up CPU keys (all layers have the same keys)
         cpu = [b for b, kv in enumerate(kvs) if not kv.full and kv.n_offloaded > 0]
         pooled = [b for b, kv in enumerate(kvs) if not kv.full]
-        whole = not full and len(groups) == 1 and gidx[0][0] is None  # the group is the batch, in order
         with self._decode_backends():
             for l in range(s.n_layers):
                 q, k, v = m.qkv(l, h, cos, sin)
-                for (pool, _), (bi, rows, sl, _) in zip(groups, gidx):
-                    pool.k[l, rows, :, sl] = _take(k, bi).float()
-                    pool.v[l, rows, :, sl] = _take(v, bi).float()
+                for (pool, _), (bi, rows, sl) in zip(groups, gidx):
+                    pool.k[l, rows, :, sl] = k[bi].float()
+                    pool.v[l, rows, :, sl] = v[bi].float()
                 for b in full:
                     kvs[b].write(l, slots[b], k[b], v[b])
                 qf = q.float()
@@ -209,17 +338,14 @@ class ModelRunner:
                     buf.q_host[:B].copy_(qf, non_blocking=True)
                     if buf.q_ready is not None:
                         buf.q_ready.record()
-                o = None if whole else torch.empty_like(q)
+                o = torch.empty_like(q)
                 static = []
-                for (pool, _), (bi, rows, _, dense) in zip(groups, gidx):  # queued on the device
-                    if dense:
-                        qp = _take(qf, bi)
-                    else:
-                        qp = qf.new_zeros(pool.rows, *q.shape[1:])
-                        qp[rows] = _take(qf, bi)
+                for (pool, _), (bi, rows, _) in zip(groups, gidx):  # queued on the device
+                    qp = qf.new_zeros(pool.rows, *q.shape[1:])
+                    qp[rows] = qf[bi]
                     part = partial_attention(qp, pool.k[l, : pool.rows], pool.v[l, : pool.rows],
                                              pool.bias[: pool.rows], m.scale)
-                    static.append(part if dense else tuple(x[rows] for x in part))
+                    static.append(tuple(x[rows] for x in part))
                 for b in full:
                     o[b] = kvs[b].attend_full(l, q[b])
                 if cpu:
@@ -228,17 +354,14 @@ class ModelRunner:
                         buf.q_ready.synchronize()
                     self._wait_s += time.perf_counter() - t
                     for b in pooled:
-                        kvs[b].lookup(l, buf.q_np[b], top_ks[b], buf.o_np[b], buf.ms_np[0, b], buf.ms_np[1, b])
+                        kvs[b].lookup(l, buf.q_np[b], top_ks[b], buf.o_np[b], buf.ms_np[b, 0], buf.ms_np[b, 1])
                     buf.o_dev[:B].copy_(buf.o_host[:B], non_blocking=True)
-                    buf.ms_dev[:, :B].copy_(buf.ms_host[:, :B], non_blocking=True)
-                for (o_w, m_w, s_w), (bi, _, _, _) in zip(static, gidx):
+                    buf.ms_dev[:B].copy_(buf.ms_host[:B], non_blocking=True)
+                for (o_w, m_w, s_w), (bi, _, _) in zip(static, gidx):
                     if cpu:
-                        o_w = merge_partial_attention(o_w, m_w, s_w, _take(buf.o_dev[:B], bi),
-                                                      _take(buf.ms_dev[0, :B], bi), _take(buf.ms_dev[1, :B], bi))
-                    if whole:
-                        o = o_w.to(q.dtype)
-                    else:
-                        o[bi if bi is not None else slice(None)] = o_w.to(q.dtype)
+                        o_w = merge_partial_attention(o_w, m_w, s_w, buf.o_dev[bi], buf.ms_dev[bi, 0],
+                                                      buf.ms_dev[bi, 1])
+                    o[bi] = o_w.to(q.dtype)
                 if capture is not None:
                     capture(l, o)
                 m.finish_layer(l, h, o)
@@ -269,13 +392,27 @@ class _StepBuffers:
         pin = device.type == "cuda"
         self.size = size
         self.q_host = torch.empty(size, H, d, dtype=torch.float32, pin_memory=pin)
-        self.o_host = torch.empty(size, H, d, dtype=torch.float32, pin_memory=pin)
-        self.ms_host = torch.empty(2, size, H, dtype=torch.float32, pin_memory=pin)
+        self.o_host = torch.zeros(size, H, d, dtype=torch.float32, pin_memory=pin)
+        self.ms_host = torch.empty(size, 2, H, dtype=torch.float32, pin_memory=pin)
         self.o_dev = torch.empty(size, H, d, dtype=torch.float32, device=device)
-        self.ms_dev = torch.empty(2, size, H, dtype=torch.float32, device=device)
+        self.ms_dev = torch.empty(size, 2, H, dtype=torch.float32, device=device)
         self.q_ready = torch.cuda.Event() if pin else None
         # numpy views, made once: the per-layer calls then create no objects
         self.q_np, self.o_np, self.ms_np = self.q_host.numpy(), self.o_host.numpy(), self.ms_host.numpy()
+
+
+class _RowIO:
+    """A row step's inputs and outputs for up to `size` rows: tokens, positions and slots (host staging,
+    pinned on CUDA, and device), the lookups' buffers and the logits. Fixed addresses: graphs read them."""
+
+    def __init__(self, size: int, shape, device: torch.device):
+        pin = device.type == "cuda"
+        self.size = size
+        self.ints_host = torch.zeros(3, size, dtype=torch.long, pin_memory=pin)
+        self.ints = torch.zeros(3, size, dtype=torch.long, device=device)
+        self.arange = torch.arange(size, device=device)
+        self.buf = _StepBuffers(size, shape.n_heads, shape.head_dim, device)
+        self.logits = torch.empty(size, shape.vocab_size, dtype=torch.float32, device=device)
 
 
 def _group(kvs: list[SequenceKV]):
@@ -287,10 +424,4 @@ def _group(kvs: list[SequenceKV]):
             full.append(b)
         else:
             groups.setdefault(id(kv.pool), (kv.pool, []))[1].append(b)
-    for pool, idx in groups.values():
-        idx.sort(key=lambda b: kvs[b].row)  # rows in order: usually the pool's rows 0..n-1 (see `dense`)
     return list(groups.values()), full
-
-
-def _take(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    return x if idx is None else x[idx]

@@ -39,6 +39,8 @@ ENGINE_FLAGS = {
     "max_num_seqs": (int, 8, "requests that run at once and share each decode step (more wait in the queue)"),
     "prefill_slice": (float, 0.25, "seconds of a new request's prefill between two decode steps of the running "
                                    "requests (their largest gap between tokens while a long prompt is prefilled)"),
+    "cuda_graphs": (int, 1, "CUDA: decode steps replay CUDA graphs captured at start (0: eager, every op launched "
+                            "from Python)"),
     "stall_timeout": (float, 120.0, "when the engine makes no progress (a layer, a token) for this many seconds, "
                                    "/health and the requests waiting on it answer 503"),
 }
@@ -110,7 +112,7 @@ def engine_config(a: dict):
                         attention=att, max_model_len=a["max_model_len"], max_queue=a.get("max_queue", 64),
                         cpu_threads=a["cpu_threads"], request_timeout=a["request_timeout"],
                         stall_timeout=a["stall_timeout"], max_num_seqs=a["max_num_seqs"],
-                        prefill_slice=a["prefill_slice"])
+                        prefill_slice=a["prefill_slice"], cuda_graphs=bool(a["cuda_graphs"]))
 
 
 def cmd_serve(ns):
