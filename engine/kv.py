@@ -190,6 +190,7 @@ class SequenceKV:
         self._inserts: list[Future] = []  # per layer: the last evicted block's insertion
         self._retrieval_s = 0.0
         self._retrieval_calls = 0
+        self._desc: tuple[int, int, np.ndarray] | None = None  # (stores' versions, top_k, describe's table)
         if not self.full:
             self.pool = (pools or StaticPools(shape, device)).get(n)
             self.row = self.pool.alloc()
@@ -344,11 +345,34 @@ class SequenceKV:
             out_m[:] = -np.inf
             out_s[:] = 0.0
             return
-        if self._inserts:
-            self._inserts[l].result()  # this layer's last evicted block is in its index
+        self.wait_insert(l)
         t = time.perf_counter()
         self.stores[l].attend(q, top_k, self.scale, out_o, out_m, out_s, self.cur_occ)
-        self._retrieval_s += time.perf_counter() - t
+        self.add_retrieval_seconds(time.perf_counter() - t)
+
+    # batched lookups (index.attend_batch): the runner makes one call per layer for many requests
+    @property
+    def batchable(self) -> bool:
+        """Its lookups can join a batched call (flat and graph stores; hnswlib searches on its own)."""
+        return self.stores is not None and self.stores[0].kind != "hnsw"
+
+    def describe(self, top_k: int) -> np.ndarray:
+        """(L, F): every layer's store described for attend_batch (cached while no store's arrays move)."""
+        version = sum(st.version for st in self.stores)
+        if self._desc is None or self._desc[0] != version or self._desc[1] < top_k:
+            self._desc = (version, top_k, np.stack([st.describe(top_k) for st in self.stores]))
+        return self._desc[2]
+
+    def request(self, row: int, top_k: int) -> np.ndarray:
+        """This step's row of attend_batch's request table (q/out row `row`)."""
+        return self.stores[0].request(row, top_k, self.n_offloaded, self.cur_occ)
+
+    def wait_insert(self, l: int):
+        if self._inserts:
+            self._inserts[l].result()  # this layer's last evicted block is in its index
+
+    def add_retrieval_seconds(self, secs: float):
+        self._retrieval_s += secs
         self._retrieval_calls += 1
 
     # ------------------------------------------------------------------ accounting

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from index import attend_batch
+
 from .attention import merge_partial_attention, partial_attention
 from .kv import SequenceKV, StaticPool
 from .model import Transformer
@@ -203,20 +205,13 @@ class ModelRunner:
         buf = io.buf
         if cpu:  # rows without CPU keys merge with an empty part
             buf.o_np[:Rc], buf.ms_np[:Rc, 0], buf.ms_np[:Rc, 1] = 0.0, -np.inf, 0.0
-
-        def lookups(l: int):
-            t = time.perf_counter()
-            if buf.q_ready is not None:
-                buf.q_ready.synchronize()
-            self._wait_s += time.perf_counter() - t
-            for b in cpu:
-                r = rows[b]
-                kvs[b].lookup(l, buf.q_np[r], top_ks[b], buf.o_np[r], buf.ms_np[r, 0], buf.ms_np[r, 1])
+        lookups = _StepLookups([kvs[b] for b in cpu], [rows[b] for b in cpu], [top_ks[b] for b in cpu], buf, self.model)
 
         def on(point: str, l: int):
             if point == "query" and buf.q_ready is not None:
                 buf.q_ready.record()
             elif point == "lookup":
+                self._wait_for_queries(buf)
                 lookups(l)
 
         if graphs is not None:
@@ -324,7 +319,9 @@ class ModelRunner:
             at += 3 * n
         # per step, not per layer: which sequences look up CPU keys (all layers have the same keys)
         cpu = [b for b, kv in enumerate(kvs) if not kv.full and kv.n_offloaded > 0]
-        pooled = [b for b, kv in enumerate(kvs) if not kv.full]
+        if cpu:  # rows without CPU keys merge with an empty part
+            buf.o_np[:B], buf.ms_np[:B, 0], buf.ms_np[:B, 1] = 0.0, -np.inf, 0.0
+        lookups = _StepLookups([kvs[b] for b in cpu], cpu, [top_ks[b] for b in cpu], buf, m)
         with self._decode_backends():
             for l in range(s.n_layers):
                 q, k, v = m.qkv(l, h, cos, sin)
@@ -349,12 +346,8 @@ class ModelRunner:
                 for b in full:
                     o[b] = kvs[b].attend_full(l, q[b])
                 if cpu:
-                    t = time.perf_counter()
-                    if buf.q_ready is not None:
-                        buf.q_ready.synchronize()
-                    self._wait_s += time.perf_counter() - t
-                    for b in pooled:
-                        kvs[b].lookup(l, buf.q_np[b], top_ks[b], buf.o_np[b], buf.ms_np[b, 0], buf.ms_np[b, 1])
+                    self._wait_for_queries(buf)
+                    lookups(l)
                     buf.o_dev[:B].copy_(buf.o_host[:B], non_blocking=True)
                     buf.ms_dev[:B].copy_(buf.ms_host[:B], non_blocking=True)
                 for (o_w, m_w, s_w), (bi, _, _) in zip(static, gidx):
@@ -366,6 +359,12 @@ class ModelRunner:
                     capture(l, o)
                 m.finish_layer(l, h, o)
         return m.logits(h)
+
+    def _wait_for_queries(self, buf: "_StepBuffers"):
+        t = time.perf_counter()
+        if buf.q_ready is not None:
+            buf.q_ready.synchronize()
+        self._wait_s += time.perf_counter() - t
 
     def _buffers(self, B: int) -> "_StepBuffers":
         if self._buf is None or self._buf.size < B:
@@ -399,6 +398,35 @@ class _StepBuffers:
         self.q_ready = torch.cuda.Event() if pin else None
         # numpy views, made once: the per-layer calls then create no objects
         self.q_np, self.o_np, self.ms_np = self.q_host.numpy(), self.o_host.numpy(), self.ms_host.numpy()
+
+
+class _StepLookups:
+    """A step's CPU part, called once per layer: one native call for the requests whose stores are flat or
+    graph (index.attend_batch), one call each for hnswlib's. Request i reads and writes row rows[i] of the
+    step buffers."""
+
+    def __init__(self, kvs: list[SequenceKV], rows: list[int], top_ks: list[int], buf: "_StepBuffers",
+                 model: Transformer):
+        self.buf, self.G, self.scale = buf, model.shape.n_kv_heads, model.scale
+        self.batched = [kv for kv in kvs if kv.batchable]
+        self.alone = [(kv, r, k) for kv, r, k in zip(kvs, rows, top_ks) if not kv.batchable]
+        if self.batched:
+            pairs = [(kv, r, k) for kv, r, k in zip(kvs, rows, top_ks) if kv.batchable]
+            self.desc = np.stack([kv.describe(k) for kv, _, k in pairs])
+            self.req = np.stack([kv.request(r, k) for kv, r, k in pairs])
+
+    def __call__(self, l: int):
+        buf = self.buf
+        if self.batched:
+            for kv in self.batched:
+                kv.wait_insert(l)
+            t = time.perf_counter()
+            attend_batch(self.desc, l, self.req, self.G, self.scale, buf.q_np, buf.o_np, buf.ms_np)
+            t = time.perf_counter() - t
+            for kv in self.batched:
+                kv.add_retrieval_seconds(t)
+        for kv, r, k in self.alone:
+            kv.lookup(l, buf.q_np[r], k, buf.o_np[r], buf.ms_np[r, 0], buf.ms_np[r, 1])
 
 
 class _RowIO:

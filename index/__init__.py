@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from .knn import exact_topk, graph_knn
-from .store import KINDS, IndexParams, OffloadedStore
+from .store import KINDS, IndexParams, OffloadedStore, attend_batch
 
-__all__ = ["KINDS", "IndexParams", "OffloadedStore", "Index", "build_index", "exact_topk", "graph_knn", "warm_up"]
+__all__ = ["KINDS", "IndexParams", "OffloadedStore", "attend_batch", "Index", "build_index", "exact_topk", "graph_knn", "warm_up"]
 
 
 def warm_up():
@@ -29,6 +29,10 @@ def warm_up():
         store.load(keys, keys, graph_knn(q[None], keys, 16, "query") if kind == "graph" else None)
         store.search(q, k)
         store.attend(q, k, 1.0, o, m, s, occ=np.arange(4, dtype=np.int64))
+        if kind != "hnsw":
+            ms = np.empty((1, 2, H), np.float32)
+            attend_batch(store.describe(k)[None, None], 0, store.request(0, k, n, None)[None], G, 1.0, q[None],
+                         o[None], ms)
         store.append(keys[:, :4], keys[:, :4])
 
 

@@ -7,9 +7,41 @@ and parallelise over heads, so one call serves one layer. Scratch arrays come fr
 nothing is allocated per decode step.
 """
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange, types
+from numba.extending import intrinsic
 
 NEG_INF = np.float32(-np.inf)
+STAMP_MAX = 2**31 - 2
+
+
+def _pointer_cast(nbtype):
+    """An intrinsic that reads an int64 address as a pointer to `nbtype`: batch_attend reaches each
+    request's arrays through a table of addresses, since their shapes differ between requests."""
+
+    @intrinsic
+    def cast(typingctx, addr):
+        sig = types.CPointer(nbtype)(types.int64)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(types.CPointer(nbtype)))
+
+        return sig, codegen
+
+    return cast
+
+
+_f32p, _i32p, _i64p, _u8p = (_pointer_cast(t) for t in (types.float32, types.int32, types.int64, types.uint8))
+
+
+@njit(nogil=True, cache=True)  # not inlined: inside a prange body, numba loses its write to `stamps`
+def _bump(visited_row, stamps, r):
+    """The next visit stamp of scratch row r (its keys count as visited where visited_row == stamp)."""
+    st = stamps[r] + 1
+    if st >= STAMP_MAX:
+        visited_row[:] = 0
+        st = 1
+    stamps[r] = st
+    return st
 
 
 @njit(nogil=True, fastmath=True, cache=True, inline="always")
@@ -193,7 +225,7 @@ def _graph_or_exact(qv, Kg, n, k, adj, entries, exact, exact_max, occ, ef, visit
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def graph_search(q, K, n, k, adj, entries, exact, exact_max, occ, ef, visited, stamp, cs, ci, cx, out_ids, out_sc,
+def graph_search(q, K, n, k, adj, entries, exact, exact_max, occ, ef, visited, stamps, cs, ci, cx, out_ids, out_sc,
                  out_scanned):
     H = q.shape[0]
     per_k = H // K.shape[0]
@@ -201,7 +233,7 @@ def graph_search(q, K, n, k, adj, entries, exact, exact_max, occ, ef, visited, s
     for h in prange(H):
         a = h // per_a
         got, scanned = _graph_or_exact(q[h], K[h // per_k], n, k, adj[a], entries[a], exact[h], exact_max, occ, ef,
-                                       visited[h], stamp, cs[h], ci[h], cx[h])
+                                       visited[h], _bump(visited[h], stamps, h), cs[h], ci[h], cx[h])
         kk = min(k, got)
         for j in range(kk):
             out_ids[h, j] = ci[h, j]
@@ -223,7 +255,7 @@ def flat_attend(q, K, V, n, k, scale, sc, ids, out_o, out_m, out_s):
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def graph_attend(q, K, V, n, k, scale, adj, entries, exact, exact_max, occ, ef, visited, stamp, cs, ci, cx, out_o,
+def graph_attend(q, K, V, n, k, scale, adj, entries, exact, exact_max, occ, ef, visited, stamps, cs, ci, cx, out_o,
                  out_m, out_s):
     """Graph top-k + partial attention for every head (RetrievalAttention's CPU side)."""
     H = q.shape[0]
@@ -232,7 +264,7 @@ def graph_attend(q, K, V, n, k, scale, adj, entries, exact, exact_max, occ, ef, 
     for h in prange(H):
         g = h // per_k
         got, _ = _graph_or_exact(q[h], K[g], n, k, adj[h // per_a], entries[h // per_a], exact[h], exact_max, occ,
-                                 ef, visited[h], stamp, cs[h], ci[h], cx[h])
+                                 ef, visited[h], _bump(visited[h], stamps, h), cs[h], ci[h], cx[h])
         out_m[h], out_s[h] = _attend_one(q[h], K[g], V[g], ci[h], min(k, got), scale, out_o[h])
 
 
@@ -244,6 +276,51 @@ def ids_attend(q, K, V, ids, counts, scale, out_o, out_m, out_s):
     for h in prange(H):
         g = h // per
         out_m[h], out_s[h] = _attend_one(q[h], K[g], V[g], ids[h], counts[h], scale, out_o[h])
+
+
+# A store described by addresses (OffloadedStore.describe), for batch_attend: one row per request and layer.
+D_K, D_V, D_ADJ, D_ENTRIES, D_EXACT, D_VISITED, D_STAMPS, D_CS, D_CI, D_CX, D_CAP, D_ROWS, D_WIDTH, D_A, D_R, D_E = range(16)
+DESCRIBE_FIELDS = 16
+# Per request and step: its row in q/out, flat (0) or graph (1), k, keys, ef, exact_max, occurrences.
+R_ROW, R_KIND, R_K, R_N, R_EF, R_EXACT_MAX, R_OCC, R_OCC_N = range(8)
+REQUEST_FIELDS = 8
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def batch_attend(desc, l, req, G, scale, q, out_o, out_ms):
+    """Top-k + partial attention for every (request, head) pair of layer l in one parallel loop: desc (B,
+    L, DESCRIBE_FIELDS) describes each request's stores, req (B, REQUEST_FIELDS) its step; q (rows, H,
+    d) -> out_o (rows, H, d), out_ms (rows, 2, H) (max score, sum of exponentials) at each request's row.
+    Flat stores and k >= n scan exactly; graph stores walk their graph (exact heads as in graph_attend)."""
+    B, H, d = req.shape[0], q.shape[1], q.shape[2]
+    for t in prange(B * H):
+        b = t // H
+        h = t - b * H
+        e = desc[b, l]
+        r, n = req[b, R_ROW], req[b, R_N]
+        k = min(req[b, R_K], n)
+        cap, rows, width = e[D_CAP], e[D_ROWS], e[D_WIDTH]
+        g = h // (H // G)
+        Kg = carray(_f32p(e[D_K]), (G, cap, d))[g]
+        Vg = carray(_f32p(e[D_V]), (G, cap, d))[g]
+        cs = carray(_f32p(e[D_CS]), (rows, width))[h]
+        ci = carray(_i64p(e[D_CI]), (rows, width))[h]
+        qv = q[r, h]
+        if req[b, R_KIND] == 0 or k >= n:
+            got = _flat_one(qv, Kg, n, k, cs, ci)
+        else:
+            A = e[D_A]
+            a = h // (H // A)
+            adj = carray(_i32p(e[D_ADJ]), (A, cap, e[D_R]))[a]
+            entries = carray(_i32p(e[D_ENTRIES]), (A, e[D_E]))[a]
+            exact = carray(_u8p(e[D_EXACT]), (H,))
+            visited = carray(_i32p(e[D_VISITED]), (rows, cap))[h]
+            stamps = carray(_i32p(e[D_STAMPS]), (rows,))
+            cx = carray(_u8p(e[D_CX]), (rows, width))[h]
+            occ = carray(_i64p(req[b, R_OCC]), (req[b, R_OCC_N],))
+            got, _ = _graph_or_exact(qv, Kg, n, k, adj, entries, exact[h], req[b, R_EXACT_MAX], occ, req[b, R_EF],
+                                     visited, _bump(visited, stamps, h), cs, ci, cx)
+        out_ms[r, 0, h], out_ms[r, 1, h] = _attend_one(qv, Kg, Vg, ci, min(k, got), scale, out_o[r, h])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,10 +421,12 @@ def build_graph(knn, n, R, adj, entries):
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def add_nodes(Kg, start, end, adj, entries, ef, visited, stamp, cs, ci, cx):
+def add_nodes(Kg, start, end, adj, entries, ef, visited, stamps, cs, ci, cx):
     """Link keys start..end-1 (already in Kg) into the graph: a sequence edge to the previous key and
-    projected edges to the keys a search for the key itself finds, mirrored where a slot is free."""
+    projected edges to the keys a search for the key itself finds, mirrored where a slot is free.
+    It searches with scratch row 0 (visited[0], stamps[0], cs[0]...)."""
     R = adj.shape[1]
+    vis, cs, ci, cx = visited[0], cs[0], ci[0], cx[0]
     for u in range(start, end):
         for r in range(R):
             adj[u, r] = -1
@@ -356,8 +435,7 @@ def add_nodes(Kg, start, end, adj, entries, ef, visited, stamp, cs, ci, cx):
             adj[u - 1, 1] = u
         if u == 0:
             continue
-        stamp += 1
-        got, _ = _beam_one(Kg[u], Kg, u, adj, entries, ef, visited, stamp, cs, ci, cx)
+        got, _ = _beam_one(Kg[u], Kg, u, adj, entries, ef, vis, _bump(vis, stamps, 0), cs, ci, cx)
         slot = 2
         for j in range(got):
             v = ci[j]
@@ -376,4 +454,3 @@ def add_nodes(Kg, start, end, adj, entries, ef, visited, stamp, cs, ci, cx):
                     break
             if not placed and R > 2:
                 adj[v, R - 1] = u
-    return stamp

@@ -61,7 +61,9 @@ class OffloadedStore:
         self.counts = np.zeros(self.H, np.int64)
         self.exact = np.zeros(self.H, np.uint8) if exact_heads is None else np.asarray(exact_heads, np.uint8)
         self.no_occ = np.empty(0, np.int64)
-        self._stamp = 0
+        self.version = 0  # counts moves of the arrays `describe` gives the addresses of
+        self.pinned = False  # described for batch_attend: the arrays must not move (see append)
+        self._desc: tuple[int, np.ndarray] | None = None
         self._scratch_for(self.H, self.p.ef)
 
     # ------------------------------------------------------------------ memory
@@ -97,7 +99,8 @@ class OffloadedStore:
         for ix in self.hnsw:
             ix.resize_index(new)
         self.visited = np.zeros((self.visited.shape[0], new), np.int32)
-        self._stamp = 0
+        self.stamps[:] = 0
+        self.version += 1
 
     def _scratch_for(self, rows: int, width: int):
         """(Re)allocate search scratch for `rows` searches of list size `width` (grows, never per step)."""
@@ -106,14 +109,8 @@ class OffloadedStore:
         self.ci = np.empty((rows, width), np.int64)
         self.cx = np.empty((rows, width), np.uint8)
         self.visited = np.zeros((rows, self.capacity), np.int32)
-        self._stamp = 0
-
-    def _next_stamp(self) -> int:
-        self._stamp += 1
-        if self._stamp >= 2**31 - 2:
-            self.visited[:] = 0
-            self._stamp = 1
-        return self._stamp
+        self.stamps = np.zeros(rows, np.int32)  # per row: its keys with visited == stamp are visited
+        self.version += 1
 
     # ------------------------------------------------------------------ build and insert
     def reserve(self, n: int, extra: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
@@ -163,6 +160,8 @@ class OffloadedStore:
         if b == 0:
             return
         start, end = self.n, self.n + b
+        if self.pinned and end > self.capacity:  # a batch_attend may be reading the arrays right now
+            raise RuntimeError("CPU store full: it was sized for the request at prefill")
         self._grow(end)
         self.K[:, start:end] = K_new
         if self.V is not None:
@@ -172,9 +171,8 @@ class OffloadedStore:
             width = min(self.width, 64)
             per = self.A // self.G
             for a in range(self.A):
-                self._stamp = kernels.add_nodes(self.K[a // per], start, end, self.adj[a], self.entries[a], width,
-                                                self.visited[0], self._stamp, self.cs[0], self.ci[0], self.cx[0])
-            self._next_stamp()
+                kernels.add_nodes(self.K[a // per], start, end, self.adj[a], self.entries[a], width, self.visited,
+                                  self.stamps, self.cs, self.ci, self.cx)
         elif self.kind == "hnsw":
             for g, ix in enumerate(self.hnsw):
                 ix.add_items(self.K[g, start:end], np.arange(start, end))
@@ -206,7 +204,7 @@ class OffloadedStore:
             exact = self.exact if H == self.H else np.zeros(H, np.uint8)
             kernels.graph_search(q, self.K, self.n, kk, self.adj, self.entries, exact, self.p.exact_max,
                                  self.no_occ if occ is None else occ, w, self.visited,
-                                 self._next_stamp(), self.cs, self.ci, self.cx, ids, sc, scanned)
+                                 self.stamps, self.cs, self.ci, self.cx, ids, sc, scanned)
         else:
             per = H // self.G
             for g, ix in enumerate(self.hnsw):
@@ -236,7 +234,7 @@ class OffloadedStore:
         elif self.kind == "graph":
             kernels.graph_attend(q, self.K, self.V, self.n, kk, scale, self.adj, self.entries, self.exact,
                                  self.p.exact_max, self.no_occ if occ is None else occ, w, self.visited,
-                                 self._next_stamp(), self.cs, self.ci, self.cx, out_o, out_m, out_s)
+                                 self.stamps, self.cs, self.ci, self.cx, out_o, out_m, out_s)
         else:
             per = self.H // self.G
             for g, ix in enumerate(self.hnsw):
@@ -245,6 +243,46 @@ class OffloadedStore:
                 self.ci[g * per:(g + 1) * per, :kk] = labels
             self.counts[:] = kk
             kernels.ids_attend(q, self.K, self.V, self.ci, self.counts, scale, out_o, out_m, out_s)
+
+    # ------------------------------------------------------------------ batched lookups
+    def describe(self, k: int) -> np.ndarray:
+        """This store's row of batch_attend's table (addresses and sizes of its arrays), with scratch for
+        searches of k keys. The store is pinned from then on: its arrays stay where they are."""
+        if self.kind == "hnsw":
+            raise ValueError("hnswlib stores are searched by hnswlib, not by batch_attend")
+        self._ensure_width(self.H, k)
+        if self._desc is None or self._desc[0] != self.version:
+            graph = self.kind == "graph"
+            d = np.zeros(kernels.DESCRIBE_FIELDS, np.int64)
+            for f, a in ((kernels.D_K, self.K), (kernels.D_V, self.V), (kernels.D_EXACT, self.exact),
+                         (kernels.D_VISITED, self.visited), (kernels.D_STAMPS, self.stamps), (kernels.D_CS, self.cs),
+                         (kernels.D_CI, self.ci), (kernels.D_CX, self.cx)):
+                d[f] = a.ctypes.data
+            if graph:
+                d[kernels.D_ADJ], d[kernels.D_ENTRIES] = self.adj.ctypes.data, self.entries.ctypes.data
+                d[kernels.D_A], d[kernels.D_R], d[kernels.D_E] = self.A, self.adj.shape[2], self.entries.shape[1]
+            d[kernels.D_CAP], d[kernels.D_ROWS], d[kernels.D_WIDTH] = self.capacity, self.cs.shape[0], self.width
+            self._desc = (self.version, d)
+        self.pinned = True
+        return self._desc[1]
+
+    def request(self, row: int, k: int, n: int, occ: np.ndarray | None) -> np.ndarray:
+        """A request's row of batch_attend's step table: its q/out row, k, n keys (the same in every layer
+        of a request), occ as in `search`."""
+        occ = self.no_occ if occ is None else occ
+        r = np.empty(kernels.REQUEST_FIELDS, np.int64)
+        r[kernels.R_ROW], r[kernels.R_KIND], r[kernels.R_K], r[kernels.R_N] = row, self.kind == "graph", k, n
+        r[kernels.R_EF], r[kernels.R_EXACT_MAX] = max(self.p.ef, min(k, n)), self.p.exact_max
+        r[kernels.R_OCC], r[kernels.R_OCC_N] = occ.ctypes.data, len(occ)
+        return r
+
+
+def attend_batch(desc: np.ndarray, l: int, req: np.ndarray, n_kv_heads: int, scale: float, q: np.ndarray,
+                 out_o: np.ndarray, out_ms: np.ndarray):
+    """Layer l's lookups for many requests in one native call: desc (B, L, F) from each request's stores'
+    `describe` (stacked per layer), req (B, R) from `request`, q (rows, H, d) -> out_o (rows, H, d) and out_ms
+    (rows, 2, H) at each request's row. The described stores must stay alive through the call."""
+    kernels.batch_attend(desc, l, req, n_kv_heads, np.float32(scale), q, out_o, out_ms)
 
 
 def _resized(a: np.ndarray, cap: int, fill) -> np.ndarray:

@@ -3,6 +3,7 @@ import threading
 
 import pytest
 
+from engine import model_runner
 from engine.attention import AttentionConfig
 from engine.sampling import SamplingParams
 from engine.sequence import Request
@@ -66,8 +67,15 @@ def test_batched_greedy_and_seeded_outputs_equal_each_run_alone(engine, long_pro
     sizes = []  # sequences per decode step, as the runner saw them
     real = engine.runner.decode_batch
     monkeypatch.setattr(engine.runner, "decode_batch", lambda *a, **k: (sizes.append(len(a[2])), real(*a, **k))[1])
+    calls = []  # (layer, requests) of each native lookup call
+    real_lookups = model_runner.attend_batch
+    monkeypatch.setattr(model_runner, "attend_batch",
+                        lambda desc, l, req, *a: (calls.append((l, len(req))), real_lookups(desc, l, req, *a))[1])
     outs, most = run_together(engine, reqs)
     assert most >= 6 and max(sizes) >= 6, f"at most {max(sizes)} sequences shared a step: this did not test batching"
+    # the flat and graph stores of every request in a step (5 of the 8 here) are searched in one call per layer
+    assert max(n for _, n in calls) == 5
+    assert len(calls) <= engine.shape.n_layers * len(sizes)
     for r, ref in zip(reqs, alone):
         got = outs[r.request_id]
         assert got[-1].finish_reason == "length", got[-1].error
