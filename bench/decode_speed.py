@@ -179,7 +179,7 @@ def main(argv=None):
                          "weights have no copying heads)")
     ap.add_argument("--graph", default="",
                     help="retrieval: ';'-separated variants of graph settings, each 'name=value,...' over "
-                         "the defaults (ef, degree, knn, query_stride, max_queries), e.g. 'knn=32;max_queries=256'")
+                         "the defaults (ef, degree, knn, query_stride, max_queries, dtype), e.g. ';dtype=bf16'")
     ap.add_argument("--gpu-mem-gb", type=float, default=None, help="cap GPU memory (24: an RTX 4090)")
     ap.add_argument("--check-exact", action=argparse.BooleanOptionalAction, default=True,
                     help="also run flat with top_k = all and compare its greedy tokens with full")
@@ -201,7 +201,7 @@ def main(argv=None):
     load_s = time.perf_counter() - t
     ids = prompt_ids(engine, a.context, 0)
     results = []
-    variants = [dict((kv.split("=")[0], int(kv.split("=")[1])) for kv in v.split(",") if kv)
+    variants = [{k: int(x) if x.isdigit() else x for k, x in (kv.split("=") for kv in v.split(",") if kv)}
                 for v in a.graph.split(";")]
     for mode in a.modes.split(","):
         retrieval = mode == "retrieval"
@@ -212,7 +212,7 @@ def main(argv=None):
                     r = run_mode(engine, ids, att, a.steps, a.profile_steps, graphs, a.profile_lookups)
                     if retrieval:
                         r["graph"] = {"ef": att.index.ef, "degree": att.index.degree, "knn": att.index.knn,
-                                      "queries_per_head": att.graph_queries(len(ids))}
+                                      "queries_per_head": att.graph_queries(len(ids)), "kv_store_dtype": att.index.dtype}
                     print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
                     results.append(r)
     exact = None

@@ -200,6 +200,7 @@ def main(argv=None):
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--prefill-slice", type=float, default=0.25)
     ap.add_argument("--build-threads", type=int, default=0, help="index builds at once on CUDA (0: one per core)")
+    ap.add_argument("--kv-store-dtype", default="float32", help="offloaded K/V in host memory: float32 | bf16")
     ap.add_argument("--out", default="bench/results/serving.json")
     a = ap.parse_args(argv)
 
@@ -210,13 +211,14 @@ def main(argv=None):
     engine = Engine(EngineConfig(model=a.model, load_format=a.load_format, device=a.device,
                                  max_num_seqs=a.max_num_seqs, prefill_slice=a.prefill_slice, max_model_len=max_len,
                                  build_threads=a.build_threads))
-    att = AttentionConfig(mode=a.mode)
+    att = AttentionConfig(mode=a.mode).override(dtype=a.kv_store_dtype)
     conc = [int(x) for x in a.concurrency.split(",") if x]
     prompts = [prompt_ids(engine, a.context, seed) for seed in range(1, max(conc + [a.sequential, a.gap_streams]) + 1)]
     # one short request first: compiles, caches and warms what the first measured run would otherwise pay
     concurrent_run(engine, [prompts[0][:256]], att, 4, "warm")
     report = {"bench": "serving", "model": a.model, "load_format": a.load_format, "dtype": engine.config.dtype,
-              "mode": a.mode, "context": len(prompts[0]), "max_tokens": a.max_tokens, "max_num_seqs": a.max_num_seqs,
+              "mode": a.mode, "kv_store_dtype": a.kv_store_dtype, "context": len(prompts[0]),
+              "max_tokens": a.max_tokens, "max_num_seqs": a.max_num_seqs,
               "prefill_slice": a.prefill_slice, "build_threads": a.build_threads,
               "command": "python bench/serving.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "env": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),

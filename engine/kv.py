@@ -254,12 +254,12 @@ class SequenceKV:
         store = self.stores[l]
         k_mid = k[sink: sink + mid].transpose(0, 1)  # (G, mid, d)
         # straight into the store (room for every token this request may still evict), once
-        K, V = (torch.from_numpy(x) for x in store.reserve(mid, extra=self.total_len - N))
+        K, V = store.reserve(mid, extra=self.total_len - N)
         K.copy_(k_mid)
         V.copy_(v[sink: sink + mid].transpose(0, 1))
         knn = None
-        if q_rows is not None:
-            k_dev = K if self.device.type == "cpu" else k_mid.float().contiguous()
+        if q_rows is not None:  # from the keys as the model made them (the store may keep them in bf16)
+            k_dev = K if self.device.type == "cpu" and K.dtype == torch.float32 else k_mid.float().contiguous()
             knn = graph_knn(q_rows.float(), k_dev, self.cfg.index.knn, self.cfg.index.per_head)
         return pool.submit(store.build, mid, knn)
 

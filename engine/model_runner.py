@@ -408,22 +408,23 @@ class _StepLookups:
     def __init__(self, kvs: list[SequenceKV], rows: list[int], top_ks: list[int], buf: "_StepBuffers",
                  model: Transformer):
         self.buf, self.G, self.scale = buf, model.shape.n_kv_heads, model.scale
-        self.batched = [kv for kv in kvs if kv.batchable]
         self.alone = [(kv, r, k) for kv, r, k in zip(kvs, rows, top_ks) if not kv.batchable]
-        if self.batched:
-            pairs = [(kv, r, k) for kv, r, k in zip(kvs, rows, top_ks) if kv.batchable]
-            self.desc = np.stack([kv.describe(k) for kv, _, k in pairs])
-            self.req = np.stack([kv.request(r, k) for kv, r, k in pairs])
+        by_dtype: dict = {}  # one call per store dtype (one, unless requests chose different ones)
+        for kv, r, k in zip(kvs, rows, top_ks):
+            if kv.batchable:
+                by_dtype.setdefault(kv.stores[0].dtype, []).append((kv, r, k))
+        self.calls = [(dt, [kv for kv, _, _ in g], np.stack([kv.describe(k) for kv, _, k in g]),
+                       np.stack([kv.request(r, k) for kv, r, k in g])) for dt, g in by_dtype.items()]
 
     def __call__(self, l: int):
         buf = self.buf
-        if self.batched:
-            for kv in self.batched:
+        for dtype, kvs, desc, req in self.calls:
+            for kv in kvs:
                 kv.wait_insert(l)
             t = time.perf_counter()
-            attend_batch(self.desc, l, self.req, self.G, self.scale, buf.q_np, buf.o_np, buf.ms_np)
+            attend_batch(desc, l, req, self.G, self.scale, buf.q_np, buf.o_np, buf.ms_np, dtype)
             t = time.perf_counter() - t
-            for kv in self.batched:
+            for kv in kvs:
                 kv.add_retrieval_seconds(t)
         for kv, r, k in self.alone:
             kv.lookup(l, buf.q_np[r], k, buf.o_np[r], buf.ms_np[r, 0], buf.ms_np[r, 1])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .knn import exact_topk, graph_knn
-from .store import KINDS, IndexParams, OffloadedStore, attend_batch
+from .store import KINDS, STORE_DTYPES, IndexParams, OffloadedStore, attend_batch
 
 __all__ = ["KINDS", "IndexParams", "OffloadedStore", "attend_batch", "Index", "build_index", "exact_topk", "graph_knn", "warm_up"]
 
@@ -24,15 +24,17 @@ def warm_up():
     keys = rng.standard_normal((G, n, d), dtype=np.float32)
     q = rng.standard_normal((H, d), dtype=np.float32)
     o, m, s = np.empty((H, d), np.float32), np.empty(H, np.float32), np.empty(H, np.float32)
-    for kind in KINDS:
-        store = OffloadedStore(kind, G, H, d, capacity=2 * n, exact_heads=np.array([True, False]))
+    for kind, dtype in [(kind, dtype) for kind in KINDS for dtype in STORE_DTYPES if kind != "hnsw" or
+                        dtype == "float32"]:
+        store = OffloadedStore(kind, G, H, d, IndexParams(dtype=dtype), capacity=2 * n,
+                               exact_heads=np.array([True, False]))
         store.load(keys, keys, graph_knn(q[None], keys, 16, "query") if kind == "graph" else None)
         store.search(q, k)
         store.attend(q, k, 1.0, o, m, s, occ=np.arange(4, dtype=np.int64))
         if kind != "hnsw":
             ms = np.empty((1, 2, H), np.float32)
             attend_batch(store.describe(k)[None, None], 0, store.request(0, k, n, None)[None], G, 1.0, q[None],
-                         o[None], ms)
+                         o[None], ms, store.dtype)
         store.append(keys[:, :4], keys[:, :4])
 
 

@@ -8,7 +8,8 @@ nothing is allocated per decode step.
 """
 import numpy as np
 from numba import carray, njit, prange, types
-from numba.extending import intrinsic
+from llvmlite import ir
+from numba.extending import intrinsic, overload
 
 NEG_INF = np.float32(-np.inf)
 STAMP_MAX = 2**31 - 2
@@ -33,6 +34,44 @@ def _pointer_cast(nbtype):
 _f32p, _i32p, _i64p, _u8p = (_pointer_cast(t) for t in (types.float32, types.int32, types.int64, types.uint8))
 
 
+@intrinsic
+def _ptr_like(typingctx, addr, like):
+    """An int64 address as a pointer to the dtype of the array `like`."""
+    sig = types.CPointer(like.dtype)(types.int64, like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(signature.args[1].dtype)))
+
+    return sig, codegen
+
+
+@intrinsic
+def _prefetch(typingctx, addr):
+    """Ask the CPU to load the cache line at `addr` (llvm.prefetch: read, keep in all cache levels)."""
+    sig = types.void(types.int64)
+
+    def codegen(context, builder, signature, args):
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p],
+                                              ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
+        builder.call(fn, [builder.inttoptr(args[0], i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _prefetch_rows(Kg, adj_row, n, visited, stamp):
+    """Prefetch the keys of the neighbours a search is about to score: their loads then overlap, where
+    scoring them one after the other waits for each in turn (the walk is bound by memory latency)."""
+    base, row = Kg.ctypes.data, Kg.strides[0]
+    for r in range(adj_row.shape[0]):
+        v = adj_row[r]
+        if v >= 0 and v < n and visited[v] != stamp:
+            for off in range(0, row, 64):
+                _prefetch(base + v * row + off)
+
+
 @njit(nogil=True, cache=True)  # not inlined: inside a prange body, numba loses its write to `stamps`
 def _bump(visited_row, stamps, r):
     """The next visit stamp of scratch row r (its keys count as visited where visited_row == stamp)."""
@@ -44,11 +83,34 @@ def _bump(visited_row, stamps, r):
     return st
 
 
+@intrinsic
+def _bf16_bits_to_f32(typingctx, x):
+    """bfloat16 bits (uint16) -> float32: the upper half of a float32's bits."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.IntType(32)(16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return sig, codegen
+
+
+def _ld(a, i):
+    """a[i] as float32, for float32 arrays and bfloat16 ones (stored as uint16 bits)."""
+
+
+@overload(_ld, inline="always")
+def _ld_impl(a, i):
+    if a.dtype == types.uint16:
+        return lambda a, i: _bf16_bits_to_f32(a[i])
+    return lambda a, i: np.float32(a[i])
+
+
 @njit(nogil=True, fastmath=True, cache=True, inline="always")
 def _dot(a, b):
     s = np.float32(0.0)
     for i in range(a.shape[0]):
-        s += a[i] * b[i]
+        s += _ld(a, i) * _ld(b, i)
     return s
 
 
@@ -150,6 +212,7 @@ def _beam_one(qv, Kg, n, adj, entries, ef, visited, stamp, cs, ci, cx):
         cx[pos] = 1
         u = ci[pos]
         nxt = pos + 1
+        _prefetch_rows(Kg, adj[u], n, visited, stamp)
         for r in range(adj.shape[1]):
             v = adj[u, r]
             if v < 0 or v >= n or visited[v] == stamp:
@@ -184,7 +247,7 @@ def _attend_one(qv, Kg, Vg, ids, cnt, scale, o):
         s += w
         vu = Vg[u]
         for i in range(d):
-            o[i] += w * vu[i]
+            o[i] += w * _ld(vu, i)
     inv = np.float32(1.0) / s
     for i in range(d):
         o[i] *= inv
@@ -287,11 +350,12 @@ REQUEST_FIELDS = 8
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def batch_attend(desc, l, req, G, scale, q, out_o, out_ms):
+def batch_attend(desc, l, req, G, scale, q, out_o, out_ms, kv_like):
     """Top-k + partial attention for every (request, head) pair of layer l in one parallel loop: desc (B,
     L, DESCRIBE_FIELDS) describes each request's stores, req (B, REQUEST_FIELDS) its step; q (rows, H,
     d) -> out_o (rows, H, d), out_ms (rows, 2, H) (max score, sum of exponentials) at each request's row.
-    Flat stores and k >= n scan exactly; graph stores walk their graph (exact heads as in graph_attend)."""
+    Flat stores and k >= n scan exactly; graph stores walk their graph (exact heads as in graph_attend).
+    kv_like: an array of the stores' K/V dtype (all of them the same)."""
     B, H, d = req.shape[0], q.shape[1], q.shape[2]
     for t in prange(B * H):
         b = t // H
@@ -301,8 +365,8 @@ def batch_attend(desc, l, req, G, scale, q, out_o, out_ms):
         k = min(req[b, R_K], n)
         cap, rows, width = e[D_CAP], e[D_ROWS], e[D_WIDTH]
         g = h // (H // G)
-        Kg = carray(_f32p(e[D_K]), (G, cap, d))[g]
-        Vg = carray(_f32p(e[D_V]), (G, cap, d))[g]
+        Kg = carray(_ptr_like(e[D_K], kv_like), (G, cap, d))[g]
+        Vg = carray(_ptr_like(e[D_V], kv_like), (G, cap, d))[g]
         cs = carray(_f32p(e[D_CS]), (rows, width))[h]
         ci = carray(_i64p(e[D_CI]), (rows, width))[h]
         qv = q[r, h]

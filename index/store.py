@@ -10,10 +10,13 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from . import kernels
 
 KINDS = ("flat", "hnsw", "graph")
+# bf16 is kept as its bits (uint16): numpy has no bfloat16; the kernels widen each value as they read it
+STORE_DTYPES = {"float32": np.float32, "bf16": np.uint16}
 
 
 @dataclass
@@ -29,8 +32,11 @@ class IndexParams:
     hnsw_m: int = 16
     hnsw_ef_construction: int = 100
     threads: int = 0          # build threads for hnswlib (0: all)
+    dtype: str = "float32"    # K and V in the store: float32 | bf16 (half the bytes a scanned key reads)
 
     def __post_init__(self):
+        if self.dtype not in STORE_DTYPES:
+            raise ValueError(f"index params: dtype must be one of {', '.join(STORE_DTYPES)}")
         if self.ef < 1 or self.degree < 3 or self.entries < 1 or self.knn < 2 or self.exact_max < 0:
             raise ValueError("index params: ef >= 1, degree >= 3, entries >= 1, knn >= 2, exact_max >= 0")
         if self.per_head not in ("kv", "query"):
@@ -50,8 +56,10 @@ class OffloadedStore:
         self.p = params or IndexParams()
         self.n = 0
         cap = max(capacity, 16)
-        self.K = np.zeros((self.G, cap, head_dim), np.float32)
-        self.V = np.zeros((self.G, cap, head_dim), np.float32) if with_values else None
+        # hnswlib indexes float32 keys only: its baseline keeps them so
+        self.dtype = STORE_DTYPES["float32" if kind == "hnsw" else self.p.dtype]
+        self.K = np.zeros((self.G, cap, head_dim), self.dtype)
+        self.V = np.zeros((self.G, cap, head_dim), self.dtype) if with_values else None
         self.A = (self.H if self.p.per_head == "query" else self.G) if kind == "graph" else self.G
         if kind == "graph":
             self.adj = np.full((self.A, cap, self.p.degree), -1, np.int32)
@@ -113,20 +121,20 @@ class OffloadedStore:
         self.version += 1
 
     # ------------------------------------------------------------------ build and insert
-    def reserve(self, n: int, extra: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    def reserve(self, n: int, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Room for n prefill keys, plus `extra` for keys inserted later (so decoding never regrows):
-        returns the (G, n, d) views of K and V to fill in place, so that prefill copies from the device
-        straight into the store. `build(n, ...)` indexes them."""
+        returns (G, n, d) tensors over the store's K and V (float32 or bfloat16) to copy into in place,
+        so that prefill copies from the device straight into the store. `build(n, ...)` indexes them."""
         self._grow(n + extra)
         self.n = 0
-        return self.K[:, :n], (self.V[:, :n] if self.V is not None else None)
+        return _tensor(self.K[:, :n]), (_tensor(self.V[:, :n]) if self.V is not None else None)
 
     def load(self, K: np.ndarray, V: np.ndarray | None, knn: np.ndarray | None):
-        """reserve + copy + build, for K/V (G, n, d) already in host memory."""
+        """reserve + copy + build, for K/V (G, n, d) float32 already in host memory."""
         k_view, v_view = self.reserve(K.shape[1])
-        k_view[:] = K
+        k_view.copy_(torch.from_numpy(np.ascontiguousarray(K, np.float32)))
         if v_view is not None:
-            v_view[:] = V
+            v_view.copy_(torch.from_numpy(np.ascontiguousarray(V, np.float32)))
         self.build(K.shape[1], knn)
 
     def build(self, n: int, knn: np.ndarray | None):
@@ -150,12 +158,12 @@ class OffloadedStore:
                               ef_construction=self.p.hnsw_ef_construction)
                 ix.set_num_threads(self.p.threads or -1)
                 if n:
-                    ix.add_items(self.K[g, :n], np.arange(n))
+                    ix.add_items(self.K[g, :n], np.arange(n))  # float32: hnsw stores keep that
                 self.hnsw.append(ix)
         self.build_seconds = time.perf_counter() - t0
 
     def append(self, K_new: np.ndarray, V_new: np.ndarray | None):
-        """Insert keys that slid out of the device window: (G, b, d). They become searchable at once."""
+        """Insert keys that slid out of the device window: (G, b, d) float32. They become searchable at once."""
         b = K_new.shape[1]
         if b == 0:
             return
@@ -163,9 +171,9 @@ class OffloadedStore:
         if self.pinned and end > self.capacity:  # a batch_attend may be reading the arrays right now
             raise RuntimeError("CPU store full: it was sized for the request at prefill")
         self._grow(end)
-        self.K[:, start:end] = K_new
+        _tensor(self.K[:, start:end]).copy_(torch.from_numpy(K_new))
         if self.V is not None:
-            self.V[:, start:end] = V_new
+            _tensor(self.V[:, start:end]).copy_(torch.from_numpy(V_new))
         self.n = end
         if self.kind == "graph":
             width = min(self.width, 64)
@@ -278,11 +286,21 @@ class OffloadedStore:
 
 
 def attend_batch(desc: np.ndarray, l: int, req: np.ndarray, n_kv_heads: int, scale: float, q: np.ndarray,
-                 out_o: np.ndarray, out_ms: np.ndarray):
+                 out_o: np.ndarray, out_ms: np.ndarray, dtype=np.float32):
     """Layer l's lookups for many requests in one native call: desc (B, L, F) from each request's stores'
     `describe` (stacked per layer), req (B, R) from `request`, q (rows, H, d) -> out_o (rows, H, d) and out_ms
-    (rows, 2, H) at each request's row. The described stores must stay alive through the call."""
-    kernels.batch_attend(desc, l, req, n_kv_heads, np.float32(scale), q, out_o, out_ms)
+    (rows, 2, H) at each request's row. The described stores must stay alive through the call, and all of
+    them keep K/V in `dtype` (their .dtype)."""
+    kernels.batch_attend(desc, l, req, n_kv_heads, np.float32(scale), q, out_o, out_ms, _LIKE[dtype])
+
+
+_LIKE = {dt: np.empty(0, dt) for dt in STORE_DTYPES.values()}
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor over the array's memory, bfloat16 where it holds bf16 bits."""
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if a.dtype == np.uint16 else t
 
 
 def _resized(a: np.ndarray, cap: int, fill) -> np.ndarray:

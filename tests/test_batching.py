@@ -20,7 +20,7 @@ MIXES = [
      SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)),
     (AttentionConfig(mode="retrieval", **SMALL),
      SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)),
-    (AttentionConfig(mode="flat", **SMALL),
+    (AttentionConfig(mode="flat", **SMALL).override(dtype="bf16"),  # a store of another dtype: a call of its own
      SamplingParams(max_tokens=40, temperature=0, frequency_penalty=0.5, ignore_eos=True)),
 ]
 
@@ -70,12 +70,16 @@ def test_batched_greedy_and_seeded_outputs_equal_each_run_alone(engine, long_pro
     calls = []  # (layer, requests) of each native lookup call
     real_lookups = model_runner.attend_batch
     monkeypatch.setattr(model_runner, "attend_batch",
-                        lambda desc, l, req, *a: (calls.append((l, len(req))), real_lookups(desc, l, req, *a))[1])
+                        lambda desc, l, req, *a: (calls.append((len(sizes), l, len(req))),
+                                                  real_lookups(desc, l, req, *a))[1])
     outs, most = run_together(engine, reqs)
     assert most >= 6 and max(sizes) >= 6, f"at most {max(sizes)} sequences shared a step: this did not test batching"
     # the flat and graph stores of every request in a step (5 of the 8 here) are searched in one call per layer
-    assert max(n for _, n in calls) == 5
-    assert len(calls) <= engine.shape.n_layers * len(sizes)
+    # and store dtype (float32: 4 of them, bf16: 1)
+    per_layer = {}  # (step, layer) -> requests in each call
+    for step, l, n in calls:
+        per_layer.setdefault((step, l), []).append(n)
+    assert max(sum(ns) for ns in per_layer.values()) == 5 and max(len(ns) for ns in per_layer.values()) == 2
     for r, ref in zip(reqs, alone):
         got = outs[r.request_id]
         assert got[-1].finish_reason == "length", got[-1].error

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.attention import AttentionConfig
-from index import KINDS, IndexParams, OffloadedStore, build_index, exact_topk, graph_knn
+from index import KINDS, IndexParams, OffloadedStore, attend_batch, build_index, exact_topk, graph_knn
 
 # measured 0.98 median recall@50 with knn 32 or 64 (0.96 with knn 16; hnswlib: 0.60); a real regression falls below
 GRAPH_FLOOR = 0.95
@@ -177,3 +177,30 @@ def test_graph_recall_regression_on_real_attention(real_dump):
     assert r["graph"] >= GRAPH_FLOOR
     assert r["graph"] > r["hnsw"]
 
+
+
+@pytest.mark.parametrize("kind", ["flat", "graph"])
+def test_a_bf16_store_answers_as_a_float32_store_of_the_same_values(data, kind):
+    """Half the bytes, the same arithmetic: on keys and values that bf16 holds exactly, the bf16 store and
+    the float32 store find the same keys and give the same attention, alone and in a batched call."""
+    keys, queries = data
+    keys = torch.from_numpy(keys).bfloat16().float().numpy()  # values bf16 represents exactly
+    G, H, k = 1, 2, 20
+    knn = exact_topk(queries[:300], keys, 32)[None] if kind == "graph" else None
+    got = []
+    for dtype in ("float32", "bf16"):
+        store = OffloadedStore(kind, G, H, 32, IndexParams(dtype=dtype), capacity=len(keys) + 8)
+        store.load(keys[None, :-8], keys[None, :-8], knn)
+        store.append(keys[None, -8:], keys[None, -8:])  # evicted later: converted on the way in
+        q = queries[300:302]
+        o, m, s = np.empty((H, 32), np.float32), np.empty(H, np.float32), np.empty(H, np.float32)
+        store.attend(q, k, 0.1, o, m, s)
+        ob, msb = np.empty((1, H, 32), np.float32), np.empty((1, 2, H), np.float32)
+        attend_batch(store.describe(k)[None, None], 0, store.request(0, k, store.n, None)[None], G, 0.1, q[None],
+                     ob, msb, store.dtype)
+        np.testing.assert_array_equal(ob[0], o)
+        got.append((store.search(q, k)[0], o, m, s, store.K.nbytes))
+    (ids32, o32, m32, s32, b32), (ids16, o16, m16, s16, b16) = got
+    assert (ids16 == ids32).all() and b16 * 2 == b32
+    np.testing.assert_allclose(o16, o32, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(m16, m32, rtol=1e-6)
