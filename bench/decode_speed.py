@@ -68,13 +68,21 @@ def lookup_profile(engine: Engine, kv: SequenceKV, token: int, pos: int, top_k: 
     import numba
     import numpy as np
 
+    from engine import model_runner
+    from index.kernels import R_ROW
+
     queries = {}
-    real = kv.lookup
-    kv.lookup = lambda l, q, *a: (queries.__setitem__(l, q.copy()), real(l, q, *a))  # noqa: E731
+    real = model_runner.attend_batch
+
+    def spy(desc, l, req, G, scale, q, *a):
+        queries[l] = q[req[0, R_ROW]].copy()
+        return real(desc, l, req, G, scale, q, *a)
+
+    model_runner.attend_batch = spy
     try:
         engine.runner.decode(token, pos, kv, top_k)
     finally:
-        del kv.lookup
+        model_runner.attend_batch = real
     L, H, d = engine.shape.n_layers, engine.shape.n_heads, engine.shape.head_dim
     o, ms = np.empty((H, d), np.float32), np.empty((2, H), np.float32)
     top = numba.get_num_threads()

@@ -45,33 +45,6 @@ def _ptr_like(typingctx, addr, like):
     return sig, codegen
 
 
-@intrinsic
-def _prefetch(typingctx, addr):
-    """Ask the CPU to load the cache line at `addr` (llvm.prefetch: read, keep in all cache levels)."""
-    sig = types.void(types.int64)
-
-    def codegen(context, builder, signature, args):
-        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p],
-                                              ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
-        builder.call(fn, [builder.inttoptr(args[0], i8p), i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _prefetch_rows(Kg, adj_row, n, visited, stamp):
-    """Prefetch the keys of the neighbours a search is about to score: their loads then overlap, where
-    scoring them one after the other waits for each in turn (the walk is bound by memory latency)."""
-    base, row = Kg.ctypes.data, Kg.strides[0]
-    for r in range(adj_row.shape[0]):
-        v = adj_row[r]
-        if v >= 0 and v < n and visited[v] != stamp:
-            for off in range(0, row, 64):
-                _prefetch(base + v * row + off)
-
-
 @njit(nogil=True, cache=True)  # not inlined: inside a prange body, numba loses its write to `stamps`
 def _bump(visited_row, stamps, r):
     """The next visit stamp of scratch row r (its keys count as visited where visited_row == stamp)."""
@@ -212,7 +185,6 @@ def _beam_one(qv, Kg, n, adj, entries, ef, visited, stamp, cs, ci, cx):
         cx[pos] = 1
         u = ci[pos]
         nxt = pos + 1
-        _prefetch_rows(Kg, adj[u], n, visited, stamp)
         for r in range(adj.shape[1]):
             v = adj[u, r]
             if v < 0 or v >= n or visited[v] == stamp:
