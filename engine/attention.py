@@ -62,14 +62,16 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     """One query per head over a key set: q (..., H, d), k/v (..., G, T, d), bias (..., T) additive (0 or
     -inf); leading dims (a batch of sequences) are optional and shared.
 
-    Returns (o (..., H, d) normalised, m (..., H) max score, s (..., H) sum of exp(score - m)), all float32."""
+    Returns (o (..., H, d) normalised, m (..., H) max score, s (..., H) sum of exp(score - m)), all float32.
+    A row with no keys (bias all -inf) gives o = 0, m = -inf, s = 0, never NaN: a NaN would reach the K/V
+    that the row writes (a decode step's padding rows) and from there whoever attends to them."""
     *lead, G, T, d = k.shape
     qg = q.reshape(*lead, G, -1, d)
     z = torch.matmul(qg, k.transpose(-1, -2)).float() * scale + bias[..., None, None, :]  # (..., G, per, T)
     m = z.amax(-1, keepdim=True)
-    p = torch.exp(z - m)
+    p = torch.exp(z - m.clamp_min(torch.finfo(torch.float32).min))
     s = p.sum(-1, keepdim=True)
-    o = torch.matmul(p.to(v.dtype), v).float() / s
+    o = torch.matmul(p.to(v.dtype), v).float() / s.clamp_min(torch.finfo(torch.float32).tiny)
     return o.reshape(*lead, -1, d), m.reshape(*lead, -1), s.reshape(*lead, -1)
 
 
@@ -78,8 +80,8 @@ def merge_partial_attention(o1, m1, s1, o2, m2, s2) -> torch.Tensor:
     o (..., d), m and s (...).
 
     With m = max(m1, m2): o = (e^{m1-m} s1 o1 + e^{m2-m} s2 o2) / (e^{m1-m} s1 + e^{m2-m} s2).
-    A part with no keys has m = -inf and s = 0 and drops out."""
-    m = torch.maximum(m1, m2)
+    A part with no keys has m = -inf and s = 0 and drops out; two such parts give 0."""
+    m = torch.maximum(m1, m2).clamp_min(torch.finfo(torch.float32).min)
     w1 = torch.exp(m1 - m) * s1
     w2 = torch.exp(m2 - m) * s2
-    return (w1[..., None] * o1 + w2[..., None] * o2) / (w1 + w2)[..., None]
+    return (w1[..., None] * o1 + w2[..., None] * o2) / (w1 + w2).clamp_min(torch.finfo(torch.float32).tiny)[..., None]

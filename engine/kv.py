@@ -249,12 +249,15 @@ class SequenceKV:
         self.v[l, :, :sink] = v[:sink].transpose(0, 1)
         self.k[l, :, self.S: self.S + win] = k[N - win:].transpose(0, 1)
         self.v[l, :, self.S: self.S + win] = v[N - win:].transpose(0, 1)
-        if self.stores is None or mid == 0:
+        if self.stores is None:
             return None
         store = self.stores[l]
         k_mid = k[sink: sink + mid].transpose(0, 1)  # (G, mid, d)
-        # straight into the store (room for every token this request may still evict), once
+        # straight into the store, with room for every token this request may still evict: a store that a
+        # batched lookup has described never moves (a short prompt with a long answer too)
         K, V = store.reserve(mid, extra=self.total_len - N)
+        if mid == 0:
+            return None
         K.copy_(k_mid)
         V.copy_(v[sink: sink + mid].transpose(0, 1))
         knn = None
@@ -360,6 +363,7 @@ class SequenceKV:
         """(L, F): every layer's store described for attend_batch (cached while no store's arrays move)."""
         version = sum(st.version for st in self.stores)
         if self._desc is None or self._desc[0] != version or self._desc[1] < top_k:
+            self._wait_inserts()  # describing may reallocate scratch that an insert is using
             self._desc = (version, top_k, np.stack([st.describe(top_k) for st in self.stores]))
         return self._desc[2]
 

@@ -128,12 +128,19 @@ class Engine:
     def _capture_graphs(self):
         """A fixed static pool that holds every running request whose static part fits the default sink +
         window, and the decode step over it captured for batches of 1, 2, 4, ... max_num_seqs rows."""
+        if "dynamic" in getattr(self.model.rotary, "rope_type", ""):  # its RoPE tables change with the length
+            log.warning("dynamic RoPE: decoding without CUDA graphs")
+            return
         S, C, _ = static_slots(self.config.attention, self.max_model_len)
         n = self.config.max_num_seqs
         pool = self.pools.fix(S + C, n)
         sizes = sorted({min(1 << i, n) for i in range(n.bit_length() + 1)})
         t = time.perf_counter()
-        self.runner.capture_graphs(pool, sizes)
+        try:
+            self.runner.capture_graphs(pool, sizes)
+        except Exception:  # the eager step serves the same pool
+            log.exception("CUDA graph capture failed: decoding eagerly")
+            return
         log.info("decode step captured as CUDA graphs for batches of %s in %.1f s", sizes, time.perf_counter() - t)
 
     # ------------------------------------------------------------------ public API

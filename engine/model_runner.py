@@ -69,7 +69,8 @@ class ModelRunner:
         self._decode_backends = ((lambda: sdpa_kernel(DECODE_BACKENDS)) if self.device.type == "cuda"
                                  else contextlib.nullcontext)
         self._buf: _StepBuffers | None = None  # _decode_mixed's
-        self._io: dict[int, _RowIO] = {}  # _decode_rows' per pool
+        self._io: _RowIO | None = None  # eager _decode_rows'
+        self._graph_io: dict[int, _RowIO] = {}  # per fixed pool: what its graphs read and write
         self._graphs: dict[int, dict] = {}  # per fixed pool: {rows: {has CPU part: [(point, layer, graph)]}}
         self.use_graphs = True  # False: every step eager (graphs stay captured)
         self._wait_s = 0.0
@@ -195,8 +196,10 @@ class ModelRunner:
         they write to the pool's unused slot and their results are dropped."""
         graphs = self._graphs.get(id(pool)) if capture is None and self.use_graphs else None
         Rc = pool.rows if graphs is None else next(r for r in sorted(graphs) if r >= pool.rows)
-        io = self._row_io(pool, Rc)
+        io = self._row_io(pool, Rc, graphs is not None)
         rows = [kv.row for kv in kvs]
+        if io.done is not None:
+            io.done.synchronize()  # the last step's copies out of the host buffers below are complete
         ints = io.ints_host.numpy()
         ints[0, :Rc], ints[1, :Rc], ints[2, :Rc] = 0, 0, pool.trash
         ints[0, rows], ints[1, rows], ints[2, rows] = tokens, positions, slots
@@ -223,6 +226,8 @@ class ModelRunner:
             with self._decode_backends():
                 for point, l in self._rows_step(pool, io, Rc, bool(cpu), cap):
                     on(point, l)
+        if io.done is not None:
+            io.done.record()
         return io.logits[rows]
 
     def _rows_step(self, pool: StaticPool, io: "_RowIO", Rc: int, cpu: bool, capture=None):
@@ -254,11 +259,13 @@ class ModelRunner:
             m.finish_layer(l, h, o)
         io.logits[:Rc] = m.logits(h)
 
-    def _row_io(self, pool: StaticPool, Rc: int) -> "_RowIO":
-        io = self._io.get(id(pool))
-        if io is None or io.size < Rc:
-            io = self._io[id(pool)] = _RowIO(max(Rc, pool.k.shape[1]), self.model.shape, self.device)
-        return io
+    def _row_io(self, pool: StaticPool, Rc: int, graphs: bool) -> "_RowIO":
+        """The captured graphs' own buffers, or the eager steps' (one set, grown as needed: steps never overlap)."""
+        if graphs:
+            return self._graph_io[id(pool)]
+        if self._io is None or self._io.size < Rc:
+            self._io = _RowIO(max(Rc, pool.k.shape[1]), self.model.shape, self.device)
+        return self._io
 
     def capture_graphs(self, pool: StaticPool, sizes: list[int]):
         """Capture the decode step over the fixed pool's rows as CUDA graphs, for each batch size in `sizes`
@@ -266,7 +273,7 @@ class ModelRunner:
         a step without, one per stretch between the host's points for a step with. The graphs share one
         memory pool (they never run at once) and read and write only the pool and their _RowIO."""
         assert pool.fixed and self.device.type == "cuda"
-        io = self._row_io(pool, max(sizes))
+        io = self._graph_io[id(pool)] = _RowIO(pool.k.shape[1], self.model.shape, self.device)
         graphs, mem = {}, torch.cuda.graph_pool_handle()
         with torch.inference_mode(), self._decode_backends():
             io.ints[:] = 0
@@ -442,6 +449,7 @@ class _RowIO:
         self.arange = torch.arange(size, device=device)
         self.buf = _StepBuffers(size, shape.n_heads, shape.head_dim, device)
         self.logits = torch.empty(size, shape.vocab_size, dtype=torch.float32, device=device)
+        self.done = torch.cuda.Event() if pin else None  # recorded after each step
 
 
 def _group(kvs: list[SequenceKV]):

@@ -258,7 +258,7 @@ class OffloadedStore:
         searches of k keys. The store is pinned from then on: its arrays stay where they are."""
         if self.kind == "hnsw":
             raise ValueError("hnswlib stores are searched by hnswlib, not by batch_attend")
-        self._ensure_width(self.H, k)
+        self._ensure_width(self.H, min(k, self.capacity))  # k may be "all keys": scratch for what there can be
         if self._desc is None or self._desc[0] != self.version:
             graph = self.kind == "graph"
             d = np.zeros(kernels.DESCRIBE_FIELDS, np.int64)

@@ -42,3 +42,16 @@ def test_masked_slots_do_not_count():
     o, _, _ = partial_attention(q, k, v, bias, 0.5)
     keep = bias == 0
     torch.testing.assert_close(o, _softmax_attention(q, k[:, keep], v[:, keep], 0.5))
+
+
+def test_a_part_with_no_keys_is_zero_never_nan():
+    """A decode step's padding rows have no keys: their K/V must not turn NaN (others may read them)."""
+    q, k = torch.randn(2, 4, 8), torch.randn(2, 2, 5, 8)
+    bias = torch.zeros(2, 5)
+    bias[1] = float("-inf")  # row 1: no keys
+    o, m, s = partial_attention(q, k, k, bias, 0.3)
+    assert torch.isfinite(o).all() and (o[1] == 0).all() and (m[1] == float("-inf")).all() and (s[1] == 0).all()
+    merged = merge_partial_attention(o, m, s, torch.zeros_like(o), torch.full_like(m, float("-inf")),
+                                     torch.zeros_like(s))
+    assert torch.isfinite(merged).all() and (merged[1] == 0).all()
+    torch.testing.assert_close(merged[0], o[0])

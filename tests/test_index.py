@@ -199,6 +199,7 @@ def test_a_bf16_store_answers_as_a_float32_store_of_the_same_values(data, kind):
         attend_batch(store.describe(k)[None, None], 0, store.request(0, k, store.n, None)[None], G, 0.1, q[None],
                      ob, msb, store.dtype)
         np.testing.assert_array_equal(ob[0], o)
+        np.testing.assert_array_equal(msb[0], np.stack([m, s]))
         got.append((store.search(q, k)[0], o, m, s, store.K.nbytes))
     (ids32, o32, m32, s32, b32), (ids16, o16, m16, s16, b16) = got
     assert (ids16 == ids32).all() and b16 * 2 == b32
