@@ -136,6 +136,25 @@ class StaticPools:
         return self.pools[n]
 
 
+def host_bytes(shape: ModelShape, cfg: AttentionConfig, total_len: int) -> int:
+    """What a request of total_len tokens may hold in host memory at most: for every token that can leave
+    the device, in every layer, its K and V in the store's dtype, the graph's links or hnswlib's copy and
+    links, and a visit stamp per query head (search scratch); plus the token of each (occurrences)."""
+    kind = cfg.store_kind
+    S, _, W = static_slots(cfg, total_len)
+    n = max(0, total_len - S - W)
+    if kind is None or n == 0:
+        return 0
+    G, H, d, p = shape.n_kv_heads, shape.n_heads, shape.head_dim, cfg.index
+    item = 2 if kind != "hnsw" and p.dtype == "bf16" else 4
+    per = G * d * 2 * item + H * 4
+    if kind == "graph":
+        per += (H if p.per_head == "query" else G) * p.degree * 4
+    elif kind == "hnsw":
+        per += G * (d * 4 + (2 * p.hnsw_m + 1) * 4 + 8)
+    return shape.n_layers * per * max(n, 1024) + 24 * total_len  # a store holds at least 1024 keys
+
+
 def static_slots(cfg: AttentionConfig, total_len: int) -> tuple[int, int, int]:
     """(sink slots S, ring slots C, window W) of a request of total_len tokens in a partial mode: sized by
     what the request can use, never by a sink or window larger than the request itself."""

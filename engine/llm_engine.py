@@ -16,6 +16,7 @@ says so, every waiting request fails with an error, and new ones are refused.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -29,7 +30,7 @@ from index import warm_up
 from .attention import AttentionConfig
 from .detokenize import IncrementalDetokenizer
 from .heads import copy_scores
-from .kv import SequenceKV, StaticPools, static_slots
+from .kv import SequenceKV, StaticPools, host_bytes, static_slots
 from .logging_context import request_id
 from .loader import EMBEDDED, load_model
 from .model_runner import ModelRunner, PrefillStats
@@ -62,6 +63,7 @@ class EngineConfig:
     max_num_seqs: int = 8              # requests that share a decode step
     prefill_slice: float = 0.25        # seconds of prefill work at most between two decode steps
     cuda_graphs: bool = True           # CUDA: decode steps replay graphs captured at start (False: eager)
+    cpu_kv_budget_gb: float | None = None  # host memory for the running requests' CPU stores (None: available)
     build_threads: int = 0             # index builds in parallel on CUDA (0: one per core)
     cpu_threads: int = 0               # numba threads of the retrieval step (0: all cores)
     request_timeout: float = 0.0       # seconds from submit() to the last token (0: none)
@@ -79,8 +81,25 @@ class EngineConfig:
             raise ValueError("max_queue and max_num_seqs must be >= 1")
         if self.prefill_slice <= 0:
             raise ValueError("prefill_slice must be > 0")
+        if self.cpu_kv_budget_gb is not None and self.cpu_kv_budget_gb <= 0:
+            raise ValueError("cpu_kv_budget_gb must be > 0")
         if self.request_timeout < 0 or self.stall_timeout <= 0:
             raise ValueError("request_timeout must be >= 0 and stall_timeout > 0")
+
+
+def _size(b: int) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
+def default_host_budget() -> int:
+    """Host memory available now (Linux: MemAvailable) less a margin of a tenth of it, at least 1 GiB,
+    for everything else the server and the machine hold."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(0, avail - max(avail // 10, 2**30))
 
 
 @dataclass
@@ -115,7 +134,9 @@ class Engine:
         if self.device.type == "cuda" and config.cuda_graphs:
             self._capture_graphs()
         warm_up()  # the CPU kernels compile here, not inside the first request that offloads
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_queue)
+        self.cpu_kv_budget = (int(config.cpu_kv_budget_gb * 2**30) if config.cpu_kv_budget_gb
+                              else default_host_budget())
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_queue, self.cpu_kv_budget)
         self._seqs: dict[str, Sequence] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -173,6 +194,12 @@ class Engine:
         if max(request.prompt_ids) >= self.shape.vocab_size or min(request.prompt_ids) < 0:
             raise ValueError("prompt token ids out of the vocabulary")
         seq = Sequence(request, request.attention or self.config.attention, on_output)
+        seq.host_bytes = host_bytes(self.shape, seq.attention, n + mt)
+        if seq.host_bytes > self.cpu_kv_budget:
+            raise ValueError(f"this request may need {_size(seq.host_bytes)} of host memory for its offloaded K/V "
+                             f"and index ({n} prompt tokens + {mt} to generate, {seq.attention.mode} mode), more "
+                             f"than the server's budget of {_size(self.cpu_kv_budget)} (--cpu-kv-budget); "
+                             f"ask for fewer tokens")
         if self.config.request_timeout:
             seq.deadline = seq.arrival + self.config.request_timeout
         with self._lock:

@@ -16,8 +16,9 @@ class QueueFull(RuntimeError):
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_queue: int):
+    def __init__(self, max_num_seqs: int, max_queue: int, host_budget: int):
         self.max_num_seqs, self.max_queue = max_num_seqs, max_queue
+        self.host_budget = host_budget  # bytes the running requests' CPU stores may take together
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.prefilling: Sequence | None = None
@@ -31,11 +32,15 @@ class Scheduler:
             self._cv.notify()
 
     def next_prefill(self) -> Sequence | None:
-        """The next waiting request, if none is being prefilled and the running set has room for it."""
+        """The next waiting request, if none is being prefilled and the running set has room for it: a
+        free place and, beside the running requests' host memory, its own. Until it has, it waits, and
+        so do the requests behind it (first come, first served)."""
         with self._cv:
             if self.prefilling is None and self.waiting and len(self.running) < self.max_num_seqs:
-                self.prefilling = self.waiting.popleft()
-                return self.prefilling
+                used = sum(s.host_bytes for s in self.running)
+                if used + self.waiting[0].host_bytes <= self.host_budget:
+                    self.prefilling = self.waiting.popleft()
+                    return self.prefilling
         return None
 
     def prefilled(self, seq: Sequence):

@@ -50,6 +50,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() after which the request ends (--request-timeout)
+    host_bytes: int = 0  # host memory its CPU stores may take at most (kv.host_bytes): what admission counts
     # set by the engine thread once the request leaves the queue
     kv: SequenceKV | None = None
     prefill: Generator[int, None, Any] | None = None  # the prefill in progress (ModelRunner.prefill_steps)

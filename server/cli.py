@@ -41,6 +41,9 @@ ENGINE_FLAGS = {
     "max_num_seqs": (int, 8, "requests that run at once and share each decode step (more wait in the queue)"),
     "prefill_slice": (float, 0.25, "seconds of a new request's prefill between two decode steps of the running "
                                    "requests (their largest gap between tokens while a long prompt is prefilled)"),
+    "cpu_kv_budget": (float, None, "GiB of host memory the running requests' offloaded K/V and indexes may take "
+                                   "together (default: what is available at start, less a tenth); a request that "
+                                   "can never fit gets a 400, one that fits later waits in the queue"),
     "cuda_graphs": (int, 1, "CUDA: decode steps replay CUDA graphs captured at start (0: eager, every op launched "
                             "from Python)"),
     "stall_timeout": (float, 120.0, "when the engine makes no progress (a layer, a token) for this many seconds, "
@@ -114,7 +117,8 @@ def engine_config(a: dict):
                         attention=att, max_model_len=a["max_model_len"], max_queue=a.get("max_queue", 64),
                         cpu_threads=a["cpu_threads"], request_timeout=a["request_timeout"],
                         stall_timeout=a["stall_timeout"], max_num_seqs=a["max_num_seqs"],
-                        prefill_slice=a["prefill_slice"], cuda_graphs=bool(a["cuda_graphs"]))
+                        prefill_slice=a["prefill_slice"], cuda_graphs=bool(a["cuda_graphs"]),
+                        cpu_kv_budget_gb=a["cpu_kv_budget"])
 
 
 def cmd_serve(ns):

@@ -28,6 +28,8 @@ class Metrics:
         self.retrieval = Histogram("rattn:retrieval_seconds", "One layer's CPU lookups + partial attention",
                                    registry=r, buckets=FINE_BUCKETS)
         self.cpu_kv = Gauge("rattn:cpu_kv_bytes", "Bytes of offloaded K/V and indexes in CPU memory", registry=r)
+        self.cpu_kv_budget = Gauge("rattn:cpu_kv_budget_bytes", "Host memory the running requests' CPU stores may "
+                                   "take together (--cpu-kv-budget)", registry=r)
         self.prefill_progress = Gauge("rattn:prefill_progress", "Share of the running prefill's layers done "
                                       "(0 when none runs)", registry=r)
         self.queue_time = Histogram("rattn:request_queue_time_seconds", "Time a request waited for the engine",
@@ -40,6 +42,7 @@ class Metrics:
         self.running.set_function(lambda: engine_state().num_running if engine_state() else 0)
         self.waiting.set_function(lambda: engine_state().num_waiting if engine_state() else 0)
         self.cpu_kv.set_function(lambda: engine_state().cpu_kv_bytes() if engine_state() else 0)
+        self.cpu_kv_budget.set_function(lambda: engine_state().cpu_kv_budget if engine_state() else 0)
         self.prefill_progress.set_function(lambda: engine_state().prefill_done if engine_state() else 0)
 
     # EngineObserver
