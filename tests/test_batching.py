@@ -66,7 +66,10 @@ def test_batched_greedy_and_seeded_outputs_equal_each_run_alone(engine, long_pro
     reqs = requests(long_prompt, "batch")
     sizes = []  # sequences per decode step, as the runner saw them
     real = engine.runner.decode_batch
-    monkeypatch.setattr(engine.runner, "decode_batch", lambda *a, **k: (sizes.append(len(a[2])), real(*a, **k))[1])
+    searched = []  # per step: its requests with flat or graph stores that hold keys
+    monkeypatch.setattr(engine.runner, "decode_batch", lambda *a, **k: (
+        sizes.append(len(a[2])), searched.append(sum(kv.batchable and kv.n_offloaded > 0 for kv in a[2])),
+        real(*a, **k))[2])
     calls = []  # (layer, requests) of each native lookup call
     real_lookups = model_runner.attend_batch
     monkeypatch.setattr(model_runner, "attend_batch",
@@ -79,7 +82,8 @@ def test_batched_greedy_and_seeded_outputs_equal_each_run_alone(engine, long_pro
     per_layer = {}  # (step, layer) -> requests in each call
     for step, l, n in calls:
         per_layer.setdefault((step, l), []).append(n)
-    assert max(sum(ns) for ns in per_layer.values()) == 5 and max(len(ns) for ns in per_layer.values()) == 2
+    assert all(sum(ns) == searched[step - 1] and len(ns) <= 2 for (step, _), ns in per_layer.items())
+    assert max(sum(ns) for ns in per_layer.values()) >= 3  # several requests in one call (>= 6 shared a step)
     for r, ref in zip(reqs, alone):
         got = outs[r.request_id]
         assert got[-1].finish_reason == "length", got[-1].error
