@@ -33,8 +33,9 @@ def _round_up(x: int, b: int) -> int:
 
 class Occurrences:
     """The token of every offloaded key, grouped by token: where a copying head looks at decode time
-    (the keys at, and right after, the earlier occurrences of the current token). Regrouped when keys
-    arrive (after prefill, at each eviction), looked up once per decode step for every layer."""
+    (the keys at, and right after, the earlier occurrences of the current token). Sorted once after
+    prefill; an evicted block is merged in (the decode step pays a copy, not a sort of every key); looked
+    up once per decode step for every layer."""
 
     def __init__(self, capacity: int, limit: int = 1024):
         self.tokens = np.empty(capacity, np.int64)  # token of each store id (the stores share ids)
@@ -44,12 +45,15 @@ class Occurrences:
         self.limit = limit  # a frequent token's most recent occurrences only
 
     def extend(self, tokens):
-        b = len(tokens)
-        self.tokens[self.n: self.n + b] = tokens
-        self.n += b
-        order = np.argsort(self.tokens[: self.n], kind="stable")
-        self.by_token[: self.n] = order
-        self.sorted[: self.n] = self.tokens[order]
+        n, b = self.n, len(tokens)
+        self.tokens[n: n + b] = tokens
+        order = np.argsort(self.tokens[n: n + b], kind="stable")  # the block by (token, id)
+        new_tok, new_ids = self.tokens[n: n + b][order], n + order
+        # after the equal tokens already there: their ids are smaller, so (token, id) order holds
+        at = np.searchsorted(self.sorted[:n], new_tok, "right")
+        self.sorted[: n + b] = np.insert(self.sorted[:n], at, new_tok)
+        self.by_token[: n + b] = np.insert(self.by_token[:n], at, new_ids)
+        self.n = n + b
 
     def of(self, token: int) -> np.ndarray:
         s = self.sorted[: self.n]

@@ -205,3 +205,18 @@ def test_a_bf16_store_answers_as_a_float32_store_of_the_same_values(data, kind):
     assert (ids16 == ids32).all() and b16 * 2 == b32
     np.testing.assert_allclose(o16, o32, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(m16, m32, rtol=1e-6)
+
+
+def test_occurrences_merged_block_by_block_equal_one_sort():
+    """Evicted blocks are merged into the token order: the same order as sorting every key at once."""
+    from engine.kv import Occurrences
+
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, 50, 2000)  # few distinct tokens: many ties
+    occ = Occurrences(len(tokens), limit=10_000)
+    occ.extend(tokens[:1000])
+    for a in range(1000, 2000, 64):
+        occ.extend(tokens[a: a + 64])
+    order = np.argsort(tokens, kind="stable")
+    assert (occ.by_token[: occ.n] == order).all() and (occ.sorted[: occ.n] == tokens[order]).all()
+    assert (occ.of(7) == np.flatnonzero(tokens == 7)).all()
