@@ -140,23 +140,27 @@ class StaticPools:
         return self.pools[n]
 
 
-def host_bytes(shape: ModelShape, cfg: AttentionConfig, total_len: int) -> int:
-    """What a request of total_len tokens may hold in host memory at most: for every token that can leave
-    the device, in every layer, its K and V in the store's dtype, the graph's links or hnswlib's copy and
-    links, and a visit stamp per query head (search scratch); plus the token of each (occurrences)."""
+def host_bytes(shape: ModelShape, cfg: AttentionConfig, prompt_len: int, total_len: int) -> int:
+    """What a request may hold in host memory at most: per layer, for every token that can leave the
+    device (a store holds at least 1024), K and V in the store's dtype, the graph's links or hnswlib's
+    copy, links and bookkeeping, and a visit stamp per query head; the search lists; the token of each key
+    (occurrences) and the pinned eviction buffers."""
     kind = cfg.store_kind
-    S, _, W = static_slots(cfg, total_len)
-    n = max(0, total_len - S - W)
-    if kind is None or n == 0:
+    if kind is None:
         return 0
-    G, H, d, p = shape.n_kv_heads, shape.n_heads, shape.head_dim, cfg.index
+    S, _, W = static_slots(cfg, total_len)
+    n = max(1024, total_len - min(S, prompt_len) - W)  # a prompt shorter than the sink leaves its slots empty
+    L, G, H, d, p = shape.n_layers, shape.n_kv_heads, shape.n_heads, shape.head_dim, cfg.index
     item = 2 if kind != "hnsw" and p.dtype == "bf16" else 4
     per = G * d * 2 * item + H * 4
+    fixed = H * max(p.ef, min(cfg.top_k, n)) * 13 + H * 4  # search lists (cs/ci/cx) and stamps of every head
     if kind == "graph":
-        per += (H if p.per_head == "query" else G) * p.degree * 4
+        A = H if p.per_head == "query" else G
+        per += A * p.degree * 4
+        fixed += A * p.entries * 4
     elif kind == "hnsw":
-        per += G * (d * 4 + (2 * p.hnsw_m + 1) * 4 + 8)
-    return shape.n_layers * per * max(n, 1024) + 24 * total_len  # a store holds at least 1024 keys
+        per += G * (d * 4 + (2 * p.hnsw_m + 1) * 4 + 8 + 96)
+    return L * (per * n + fixed) + 24 * total_len + 2 * L * G * cfg.evict_block * d * 4
 
 
 def static_slots(cfg: AttentionConfig, total_len: int) -> tuple[int, int, int]:
@@ -278,7 +282,7 @@ class SequenceKV:
         k_mid = k[sink: sink + mid].transpose(0, 1)  # (G, mid, d)
         # straight into the store, with room for every token this request may still evict: a store that a
         # batched lookup has described never moves (a short prompt with a long answer too)
-        K, V = store.reserve(mid, extra=self.total_len - N)
+        K, V = store.reserve(mid, extra=max(0, self.total_len - sink - self.W - mid))  # the window stays
         if mid == 0:
             return None
         K.copy_(k_mid)

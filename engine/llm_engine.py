@@ -92,13 +92,25 @@ def _size(b: int) -> str:
 
 
 def default_host_budget() -> int:
-    """Host memory available now (Linux: MemAvailable) less a margin of a tenth of it, at least 1 GiB,
-    for everything else the server and the machine hold."""
+    """Host memory available now (Linux: MemAvailable, and within the container's cgroup limit if it has
+    one) less a margin of a tenth of it, 1 GiB at least, for everything else the server and the machine
+    hold. Where neither can be read: no bound (and a warning to set --cpu-kv-budget)."""
+    avail = None
     try:
         with open("/proc/meminfo") as f:
             avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        pass
+    try:  # cgroup v2: a container's limit, less what it already uses
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            left = int(limit) - int(open("/sys/fs/cgroup/memory.current").read())
+            avail = left if avail is None else min(avail, left)
+    except (OSError, ValueError):
+        pass
+    if avail is None:
+        log.warning("host memory available unknown: no bound on the CPU stores (set --cpu-kv-budget)")
+        return 2**62
     return max(0, avail - max(avail // 10, 2**30))
 
 
@@ -134,9 +146,8 @@ class Engine:
         if self.device.type == "cuda" and config.cuda_graphs:
             self._capture_graphs()
         warm_up()  # the CPU kernels compile here, not inside the first request that offloads
-        self.cpu_kv_budget = (int(config.cpu_kv_budget_gb * 2**30) if config.cpu_kv_budget_gb
-                              else default_host_budget())
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_queue, self.cpu_kv_budget)
+        budget = int(config.cpu_kv_budget_gb * 2**30) if config.cpu_kv_budget_gb else default_host_budget()
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_queue, budget)
         self._seqs: dict[str, Sequence] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -163,6 +174,24 @@ class Engine:
             log.exception("CUDA graph capture failed: decoding eagerly")
             return
         log.info("decode step captured as CUDA graphs for batches of %s in %.1f s", sizes, time.perf_counter() - t)
+
+    @property
+    def cpu_kv_budget(self) -> int:
+        """Bytes of host memory the running requests' CPU stores may take together."""
+        return self.scheduler.host_budget
+
+    def tokens_that_fit(self, prompt_len: int, attention: AttentionConfig | None = None) -> int:
+        """The most tokens a request with this prompt may ask to generate within the host budget (and the
+        context); 0 if the prompt alone does not fit."""
+        att = attention or self.config.attention
+        lo, hi = 0, max(0, self.max_model_len - prompt_len)
+        while lo < hi:  # host_bytes grows with the tokens asked for
+            mid = (lo + hi + 1) // 2
+            if host_bytes(self.shape, att, prompt_len, prompt_len + mid) <= self.cpu_kv_budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     # ------------------------------------------------------------------ public API
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -194,12 +223,12 @@ class Engine:
         if max(request.prompt_ids) >= self.shape.vocab_size or min(request.prompt_ids) < 0:
             raise ValueError("prompt token ids out of the vocabulary")
         seq = Sequence(request, request.attention or self.config.attention, on_output)
-        seq.host_bytes = host_bytes(self.shape, seq.attention, n + mt)
+        seq.host_bytes = host_bytes(self.shape, seq.attention, n, n + mt)
         if seq.host_bytes > self.cpu_kv_budget:
             raise ValueError(f"this request may need {_size(seq.host_bytes)} of host memory for its offloaded K/V "
                              f"and index ({n} prompt tokens + {mt} to generate, {seq.attention.mode} mode), more "
                              f"than the server's budget of {_size(self.cpu_kv_budget)} (--cpu-kv-budget); "
-                             f"ask for fewer tokens")
+                             f"a shorter prompt or fewer tokens to generate would fit")
         if self.config.request_timeout:
             seq.deadline = seq.arrival + self.config.request_timeout
         with self._lock:

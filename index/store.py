@@ -94,11 +94,11 @@ class OffloadedStore:
             return sum(ix.get_current_count() * ((2 * self.p.hnsw_m + 1) * 4 + 8) for ix in self.hnsw)
         return 0
 
-    def _grow(self, need: int):
+    def _grow(self, need: int, exact: bool = False):
         cap = self.capacity
         if need <= cap:
             return
-        new = max(need, 2 * cap)
+        new = need if exact else max(need, 2 * cap)
         self.K = _resized(self.K, new, 0.0)
         if self.V is not None:
             self.V = _resized(self.V, new, 0.0)
@@ -125,7 +125,7 @@ class OffloadedStore:
         """Room for n prefill keys, plus `extra` for keys inserted later (so decoding never regrows):
         returns (G, n, d) tensors over the store's K and V (float32 or bfloat16) to copy into in place,
         so that prefill copies from the device straight into the store. `build(n, ...)` indexes them."""
-        self._grow(n + extra)
+        self._grow(n + extra, exact=True)  # what the request said it needs (and was admitted for)
         self.n = 0
         return _tensor(self.K[:, :n]), (_tensor(self.V[:, :n]) if self.V is not None else None)
 

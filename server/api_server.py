@@ -31,6 +31,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from engine.attention import AttentionConfig
 from engine.llm_engine import Engine, EngineConfig, EngineUnavailable, NoTokenizer, QueueFull
 from engine.sampling import SamplingParams
 from engine.sequence import Request as EngineRequest
@@ -230,7 +231,8 @@ def _attention(req, engine: Engine):
         raise APIError(400, str(e), param="attention") from None
 
 
-def _max_tokens(requested: int | None, name: str, prompt_len: int, engine: Engine) -> int:
+def _max_tokens(requested: int | None, name: str, prompt_len: int, engine: Engine,
+                attention: AttentionConfig | None) -> int:
     limit = engine.max_model_len
     if requested is not None:
         if requested > limit:
@@ -241,7 +243,8 @@ def _max_tokens(requested: int | None, name: str, prompt_len: int, engine: Engin
     if left < 1:
         raise APIError(400, f"this model's maximum context length is {limit} tokens; the prompt "
                             f"has {prompt_len} tokens, leaving no room to generate", param="messages")
-    return left
+    # unasked, as many as the host memory budget holds (the engine refuses the prompt if it holds none)
+    return max(1, min(left, engine.tokens_that_fit(prompt_len, attention)))
 
 
 async def _tokenize(fn, *args, param: str):
@@ -409,9 +412,10 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
         engine = state.require_engine()
         ids = await _tokenize(engine.encode_chat, _messages(req), param="messages")
         name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-        mt = _max_tokens(req.max_completion_tokens or req.max_tokens, name, len(ids), engine)
+        att = _attention(req, engine)
+        mt = _max_tokens(req.max_completion_tokens or req.max_tokens, name, len(ids), engine, att)
         lp = (req.top_logprobs or 0) if req.logprobs else None
-        gen = Generation(state, [ids], _sampling(req, mt, lp, engine), _attention(req, engine), req.n,
+        gen = Generation(state, [ids], _sampling(req, mt, lp, engine), att, req.n,
                          request.state.request_id, "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": cfg.model_name}
@@ -467,8 +471,9 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
             raise APIError(400, f"prompt: {len(prompts)} prompts x n={req.n} is more than the {engine.config.max_queue}"
                                 f" requests this server queues (--max-queue)", param="prompt")
         longest = max(len(p) for p in prompts)
-        mt = _max_tokens(req.max_tokens if req.max_tokens is not None else 16, "max_tokens", longest, engine)
-        gen = Generation(state, prompts, _sampling(req, mt, req.logprobs, engine), _attention(req, engine), req.n,
+        att = _attention(req, engine)
+        mt = _max_tokens(req.max_tokens if req.max_tokens is not None else 16, "max_tokens", longest, engine, att)
+        gen = Generation(state, prompts, _sampling(req, mt, req.logprobs, engine), att, req.n,
                          request.state.request_id, "prompt")
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name}

@@ -220,10 +220,11 @@ def test_any_body_becomes_valid_parameters_or_a_400(engine, body):
         except ValidationError:
             continue
         try:
-            mt = _max_tokens(getattr(req, "max_completion_tokens", None) or req.max_tokens, "max_tokens", 10, engine)
+            att = _attention(req, engine)
+            mt = _max_tokens(getattr(req, "max_completion_tokens", None) or req.max_tokens, "max_tokens", 10, engine,
+                             att)
             lp = req.logprobs if isinstance(req.logprobs, int) and not isinstance(req.logprobs, bool) else None
             sp = _sampling(req, mt, lp, engine)
-            att = _attention(req, engine)
         except APIError as e:
             assert e.status == 400 and e.message
             continue
