@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from index import OffloadedStore, graph_knn
+from index import MIN_CAPACITY, OffloadedStore, graph_knn
 
 from .attention import AttentionConfig
 from .model import ModelShape
@@ -149,7 +149,7 @@ def host_bytes(shape: ModelShape, cfg: AttentionConfig, prompt_len: int, total_l
     if kind is None:
         return 0
     S, _, W = static_slots(cfg, total_len)
-    n = max(1024, total_len - min(S, prompt_len) - W)  # a prompt shorter than the sink leaves its slots empty
+    n = max(MIN_CAPACITY, offloadable(total_len, prompt_len, S, W))
     L, G, H, d, p = shape.n_layers, shape.n_kv_heads, shape.n_heads, shape.head_dim, cfg.index
     item = 2 if kind != "hnsw" and p.dtype == "bf16" else 4
     per = G * d * 2 * item + H * 4
@@ -161,6 +161,12 @@ def host_bytes(shape: ModelShape, cfg: AttentionConfig, prompt_len: int, total_l
     elif kind == "hnsw":
         per += G * (d * 4 + (2 * p.hnsw_m + 1) * 4 + 8 + 96)
     return L * (per * n + fixed) + 24 * total_len + 2 * L * G * cfg.evict_block * d * 4
+
+
+def offloadable(total_len: int, prompt_len: int, S: int, W: int) -> int:
+    """Tokens of a request that may leave the device: all but its sink (a prompt shorter than the sink
+    leaves the rest of it empty) and a window."""
+    return max(0, total_len - min(S, prompt_len) - W)
 
 
 def static_slots(cfg: AttentionConfig, total_len: int) -> tuple[int, int, int]:
@@ -282,7 +288,7 @@ class SequenceKV:
         k_mid = k[sink: sink + mid].transpose(0, 1)  # (G, mid, d)
         # straight into the store, with room for every token this request may still evict: a store that a
         # batched lookup has described never moves (a short prompt with a long answer too)
-        K, V = store.reserve(mid, extra=max(0, self.total_len - sink - self.W - mid))  # the window stays
+        K, V = store.reserve(mid, extra=offloadable(self.total_len, N, self.S, self.W) - mid)
         if mid == 0:
             return None
         K.copy_(k_mid)
@@ -368,13 +374,8 @@ class SequenceKV:
         return o.view(-1, d)
 
     def lookup(self, l: int, q: np.ndarray, top_k: int, out_o: np.ndarray, out_m: np.ndarray, out_s: np.ndarray):
-        """Layer l's CPU part for q (H, d) float32 on the host: top-k offloaded keys per head and the
-        partial attention over them -> out_o (H, d), out_m/out_s (H,) (m = -inf, s = 0: no keys)."""
-        if self.n_offloaded == 0:
-            out_o[:] = 0.0
-            out_m[:] = -np.inf
-            out_s[:] = 0.0
-            return
+        """Layer l's CPU part for q (H, d) float32 on the host, once keys are offloaded: top-k offloaded keys
+        per head and the partial attention over them -> out_o (H, d), out_m/out_s (H,)."""
         self.wait_insert(l)
         t = time.perf_counter()
         self.stores[l].attend(q, top_k, self.scale, out_o, out_m, out_s, self.cur_occ)

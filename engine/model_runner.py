@@ -68,8 +68,7 @@ class ModelRunner:
         # (H200, 128K, one layer: ~40 ms by default, 1.7 ms forced cuDNN, 0.18 ms flash; bench/attention_kernels.py)
         self._decode_backends = ((lambda: sdpa_kernel(DECODE_BACKENDS)) if self.device.type == "cuda"
                                  else contextlib.nullcontext)
-        self._buf: _StepBuffers | None = None  # _decode_mixed's
-        self._io: _RowIO | None = None  # eager _decode_rows'
+        self._io: _RowIO | None = None  # the eager steps'
         self._graph_io: dict[int, _RowIO] = {}  # per fixed pool: what its graphs read and write
         self._graphs: dict[int, dict] = {}  # per fixed pool: {rows: {has CPU part: [(point, layer, graph)]}}
         self.use_graphs = True  # False: every step eager (graphs stay captured)
@@ -196,19 +195,15 @@ class ModelRunner:
         they write to the pool's unused slot and their results are dropped."""
         graphs = self._graphs.get(id(pool)) if capture is None and self.use_graphs else None
         Rc = pool.rows if graphs is None else next(r for r in sorted(graphs) if r >= pool.rows)
-        io = self._row_io(pool, Rc, graphs is not None)
+        io = self._graph_io[id(pool)] if graphs is not None else self._eager_io(max(Rc, pool.k.shape[1]))
         rows = [kv.row for kv in kvs]
-        if io.done is not None:
-            io.done.synchronize()  # the last step's copies out of the host buffers below are complete
+        io.wait_last_step()
         ints = io.ints_host.numpy()
         ints[0, :Rc], ints[1, :Rc], ints[2, :Rc] = 0, 0, pool.trash
         ints[0, rows], ints[1, rows], ints[2, rows] = tokens, positions, slots
         io.ints.copy_(io.ints_host, non_blocking=True)
-        cpu = [b for b, kv in enumerate(kvs) if not kv.full and kv.n_offloaded > 0]
         buf = io.buf
-        if cpu:  # rows without CPU keys merge with an empty part
-            buf.o_np[:Rc], buf.ms_np[:Rc, 0], buf.ms_np[:Rc, 1] = 0.0, -np.inf, 0.0
-        lookups = _StepLookups([kvs[b] for b in cpu], [rows[b] for b in cpu], [top_ks[b] for b in cpu], buf, self.model)
+        lookups = _StepLookups(kvs, rows, top_ks, buf, Rc, self.model)
 
         def on(point: str, l: int):
             if point == "query" and buf.q_ready is not None:
@@ -218,16 +213,15 @@ class ModelRunner:
                 lookups(l)
 
         if graphs is not None:
-            for point, l, graph in graphs[Rc][bool(cpu)]:
+            for point, l, graph in graphs[Rc][lookups.any]:
                 graph.replay()
                 on(point, l)
         else:
             cap = None if capture is None else (lambda l, o: capture(l, o[rows]))
             with self._decode_backends():
-                for point, l in self._rows_step(pool, io, Rc, bool(cpu), cap):
+                for point, l in self._rows_step(pool, io, Rc, lookups.any, cap):
                     on(point, l)
-        if io.done is not None:
-            io.done.record()
+        io.step_done()
         return io.logits[rows]
 
     def _rows_step(self, pool: StaticPool, io: "_RowIO", Rc: int, cpu: bool, capture=None):
@@ -259,12 +253,10 @@ class ModelRunner:
             m.finish_layer(l, h, o)
         io.logits[:Rc] = m.logits(h)
 
-    def _row_io(self, pool: StaticPool, Rc: int, graphs: bool) -> "_RowIO":
-        """The captured graphs' own buffers, or the eager steps' (one set, grown as needed: steps never overlap)."""
-        if graphs:
-            return self._graph_io[id(pool)]
-        if self._io is None or self._io.size < Rc:
-            self._io = _RowIO(max(Rc, pool.k.shape[1]), self.model.shape, self.device)
+    def _eager_io(self, size: int) -> "_RowIO":
+        """The eager steps' buffers (one set for both paths, grown as needed: steps never overlap)."""
+        if self._io is None or self._io.size < size:
+            self._io = _RowIO(size, self.model.shape, self.device)
         return self._io
 
     def capture_graphs(self, pool: StaticPool, sizes: list[int]):
@@ -311,7 +303,9 @@ class ModelRunner:
         `full` sequences attend over their own buffers."""
         m, s = self.model, self.model.shape
         B, dev = len(kvs), self.device
-        buf = self._buffers(B)
+        io = self._eager_io(B)
+        io.wait_last_step()
+        buf = io.buf
         groups, full = _group(kvs)
         ints = [*tokens, *positions]
         for pool, idx in groups:
@@ -324,11 +318,8 @@ class ModelRunner:
             n = len(idx)
             gidx.append((ints[at: at + n], ints[at + n: at + 2 * n], ints[at + 2 * n: at + 3 * n]))
             at += 3 * n
-        # per step, not per layer: which sequences look up CPU keys (all layers have the same keys)
-        cpu = [b for b, kv in enumerate(kvs) if not kv.full and kv.n_offloaded > 0]
-        if cpu:  # rows without CPU keys merge with an empty part
-            buf.o_np[:B], buf.ms_np[:B, 0], buf.ms_np[:B, 1] = 0.0, -np.inf, 0.0
-        lookups = _StepLookups([kvs[b] for b in cpu], cpu, [top_ks[b] for b in cpu], buf, m)
+        lookups = _StepLookups(kvs, list(range(B)), top_ks, buf, B, m)
+        cpu = lookups.any
         with self._decode_backends():
             for l in range(s.n_layers):
                 q, k, v = m.qkv(l, h, cos, sin)
@@ -365,20 +356,15 @@ class ModelRunner:
                 if capture is not None:
                     capture(l, o)
                 m.finish_layer(l, h, o)
-        return m.logits(h)
+        logits = m.logits(h)
+        io.step_done()
+        return logits
 
     def _wait_for_queries(self, buf: "_StepBuffers"):
         t = time.perf_counter()
         if buf.q_ready is not None:
             buf.q_ready.synchronize()
         self._wait_s += time.perf_counter() - t
-
-    def _buffers(self, B: int) -> "_StepBuffers":
-        if self._buf is None or self._buf.size < B:
-            s = self.model.shape
-            self._buf = _StepBuffers(max(B, 2 * (self._buf.size if self._buf else 4)), s.n_heads, s.head_dim,
-                                     self.device)
-        return self._buf
 
     def sync(self):
         if self.device.type == "cuda":
@@ -410,11 +396,17 @@ class _StepBuffers:
 class _StepLookups:
     """A step's CPU part, called once per layer: one native call for the requests whose stores are flat or
     graph (index.attend_batch), one call each for hnswlib's. Request i reads and writes row rows[i] of the
-    step buffers."""
+    step buffers; of their first n_rows rows, those without CPU keys hold an empty part."""
 
     def __init__(self, kvs: list[SequenceKV], rows: list[int], top_ks: list[int], buf: "_StepBuffers",
-                 model: Transformer):
+                 n_rows: int, model: Transformer):
         self.buf, self.G, self.scale = buf, model.shape.n_kv_heads, model.scale
+        # per step, not per layer: which sequences look up CPU keys (all layers have the same keys)
+        cpu = [b for b, kv in enumerate(kvs) if not kv.full and kv.n_offloaded > 0]
+        self.any = bool(cpu)
+        if cpu:
+            buf.o_np[:n_rows], buf.ms_np[:n_rows, 0], buf.ms_np[:n_rows, 1] = 0.0, -np.inf, 0.0
+        kvs, rows, top_ks = [kvs[b] for b in cpu], [rows[b] for b in cpu], [top_ks[b] for b in cpu]
         self.alone = [(kv, r, k) for kv, r, k in zip(kvs, rows, top_ks) if not kv.batchable]
         by_dtype: dict = {}  # one call per store dtype (one, unless requests chose different ones)
         for kv, r, k in zip(kvs, rows, top_ks):
@@ -450,6 +442,15 @@ class _RowIO:
         self.buf = _StepBuffers(size, shape.n_heads, shape.head_dim, device)
         self.logits = torch.empty(size, shape.vocab_size, dtype=torch.float32, device=device)
         self.done = torch.cuda.Event() if pin else None  # recorded after each step
+
+    def wait_last_step(self):
+        """Before a step writes the host buffers: the last step's copies out of them are complete."""
+        if self.done is not None:
+            self.done.synchronize()
+
+    def step_done(self):
+        if self.done is not None:
+            self.done.record()
 
 
 def _group(kvs: list[SequenceKV]):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from .knn import exact_topk, graph_knn
-from .store import KINDS, STORE_DTYPES, IndexParams, OffloadedStore, attend_batch
+from .store import KINDS, MIN_CAPACITY, STORE_DTYPES, IndexParams, OffloadedStore, attend_batch
 
-__all__ = ["KINDS", "IndexParams", "OffloadedStore", "attend_batch", "Index", "build_index", "exact_topk", "graph_knn", "warm_up"]
+__all__ = ["KINDS", "MIN_CAPACITY", "IndexParams", "OffloadedStore", "attend_batch", "Index", "build_index", "exact_topk", "graph_knn", "warm_up"]
 
 
 def warm_up():

@@ -15,6 +15,7 @@ import torch
 from . import kernels
 
 KINDS = ("flat", "hnsw", "graph")
+MIN_CAPACITY = 1024  # keys a store has room for from the start
 # bf16 is kept as its bits (uint16): numpy has no bfloat16; the kernels widen each value as they read it
 STORE_DTYPES = {"float32": np.float32, "bf16": np.uint16}
 
@@ -45,7 +46,7 @@ class IndexParams:
 
 class OffloadedStore:
     def __init__(self, kind: str, n_kv_heads: int, n_heads: int, head_dim: int,
-                 params: IndexParams | None = None, with_values: bool = True, capacity: int = 1024,
+                 params: IndexParams | None = None, with_values: bool = True, capacity: int = MIN_CAPACITY,
                  exact_heads: np.ndarray | None = None):
         """exact_heads (n_heads,) bool, graph only: heads answered by an exact scan instead of the graph."""
         if kind not in KINDS:
