@@ -1,6 +1,8 @@
 """Serving-core figures: aggregate tokens/s against the number of concurrent requests, the same requests
-one at a time, and the largest gap between two tokens of running streams while a long prompt is
-prefilled. The engine runs in-process (no HTTP); every request is distinct (its own prompt).
+one at a time, the largest gap between two tokens of running streams while a long prompt is
+prefilled, and the time to first token of a question on a document, cold and then cached (the document
+cache). The engine runs in-process (no HTTP); every request is distinct (its own prompt), but for the
+document's questions.
 
 CPU, embedded model (8 chats of 1K-token prompts, 64 new tokens each):
     python bench/serving.py --context 1000 --max-tokens 64 --concurrency 1,2,4,8 --sequential 8 \
@@ -9,6 +11,8 @@ GPU machine, Llama-3.1-8B shape with dummy weights, 24 GB card emulated:
     python bench/serving.py --model llama-3.1-8b --load-format dummy --device cuda --gpu-mem-gb 24 \
         --context 32768 --concurrency 1,4,8 --steady-steps 48 --max-tokens 3000 --gap-context 131072 \
         --out bench/results/serving_h200.json
+Document cache alone (--concurrency ''), an 8K document on CPU, 128K on the GPU machine:
+    python bench/serving.py --concurrency '' --doc-context 8000 --out bench/results/doc_cache_cpu.json
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ class Recorder:
         self.times: dict[str, list[float]] = {}
         self.submitted: dict[str, float] = {}
         self.finish: dict[str, str] = {}
+        self.cached: dict[str, int] = {}
         self._left = 0
         self._done = threading.Condition()
 
@@ -56,6 +61,7 @@ class Recorder:
                 with self._done:  # wakes wait_steady (no polling: it would take the GIL from the engine)
                     self._done.notify_all()
             if o.finish_reason:
+                self.cached[rid] = o.num_cached_tokens
                 self.finish[rid] = o.finish_reason if not o.error else f"{o.finish_reason}: {o.error}"
                 with self._done:
                     self._left -= 1
@@ -156,6 +162,22 @@ def gap_run(engine, streams, long_ids, att, max_tokens) -> dict:
             "median_gap_s": round(statistics.median(gaps), 4) if gaps else None, "stream_tokens_during": during}
 
 
+def doc_run(engine, doc, questions, att, max_tokens) -> dict:
+    """One question after another on the same document: the first prefills it (cold), the others find it
+    in the document cache. Time to first token of each, and the prompt tokens it reused."""
+    runs = []
+    for i, q in enumerate(questions):
+        rec = Recorder(engine)
+        rid = f"doc-{i}"
+        rec.submit(rid, doc + q, att, max_tokens)
+        rec.wait()
+        runs.append({"prompt": len(doc) + len(q), "ttft_s": round(rec.times[rid][0] - rec.submitted[rid], 4),
+                     "cached_tokens": rec.cached[rid], "finish": rec.finish[rid]})
+    cold = runs[0]["ttft_s"]
+    return {"document": len(doc), "questions": runs,
+            "cached_over_cold": [round(r["ttft_s"] / cold, 4) for r in runs[1:]]}
+
+
 def plot(report: dict, path: Path):
     import matplotlib
 
@@ -180,6 +202,25 @@ def plot(report: dict, path: Path):
     fig.savefig(path, dpi=120)
 
 
+def plot_doc(report: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = report["doc"]
+    t = [q["ttft_s"] for q in d["questions"]]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar(range(len(t)), t, color=["tab:gray"] + ["tab:blue"] * (len(t) - 1))
+    ax.set_xticks(range(len(t)), ["cold"] + [f"cached {i}" for i in range(1, len(t))])
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title(f"{report['model']} {report['mode']}, {d['document']}-token document")
+    for i, x in enumerate(t):
+        ax.annotate(f"{x:.2f} s", (i, x), ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -197,6 +238,9 @@ def main(argv=None):
     ap.add_argument("--sequential", type=int, default=0, help="also run this many requests one at a time")
     ap.add_argument("--gap-context", type=int, default=0, help="gap test: the long prompt's tokens (0: skip)")
     ap.add_argument("--gap-streams", type=int, default=2)
+    ap.add_argument("--doc-context", type=int, default=0, help="document cache: the document's tokens (0: skip)")
+    ap.add_argument("--doc-questions", type=int, default=3, help="document cache: questions asked on it in turn")
+    ap.add_argument("--doc-cache-gb", type=float, default=None, help="document cache size (default: the engine's)")
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--prefill-slice", type=float, default=0.25)
     ap.add_argument("--build-threads", type=int, default=0, help="index builds at once on CUDA (0: one per core)")
@@ -207,19 +251,21 @@ def main(argv=None):
     if a.gpu_mem_gb and a.device.startswith("cuda"):
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_mem_gb * 2**30 / total))
-    max_len = max(a.context, a.gap_context) + a.max_tokens + 64 if a.load_format == "dummy" else None
+    max_len = max(a.context, a.gap_context, a.doc_context) + a.max_tokens + 64 if a.load_format == "dummy" else None
     engine = Engine(EngineConfig(model=a.model, load_format=a.load_format, device=a.device,
                                  max_num_seqs=a.max_num_seqs, prefill_slice=a.prefill_slice, max_model_len=max_len,
-                                 build_threads=a.build_threads))
+                                 build_threads=a.build_threads, doc_cache_gb=a.doc_cache_gb))
     att = AttentionConfig(mode=a.mode).override(dtype=a.kv_store_dtype)
     conc = [int(x) for x in a.concurrency.split(",") if x]
     prompts = [prompt_ids(engine, a.context, seed) for seed in range(1, max(conc + [a.sequential, a.gap_streams]) + 1)]
+    # a distinct warm-up and distinct prompts: none of them reuses another's through the document cache
     # one short request first: compiles, caches and warms what the first measured run would otherwise pay
     concurrent_run(engine, [prompts[0][:256]], att, 4, "warm")
     report = {"bench": "serving", "model": a.model, "load_format": a.load_format, "dtype": engine.config.dtype,
               "mode": a.mode, "kv_store_dtype": a.kv_store_dtype, "context": len(prompts[0]),
               "max_tokens": a.max_tokens, "max_num_seqs": a.max_num_seqs,
               "prefill_slice": a.prefill_slice, "build_threads": a.build_threads,
+              "doc_cache_bytes": engine.doc_cache.budget if engine.doc_cache else 0,
               "command": "python bench/serving.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "env": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                       "device": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu",
@@ -246,11 +292,22 @@ def main(argv=None):
         streams = [p[: min(len(p), 1024)] for p in prompts[: a.gap_streams]]
         report["gap"] = gap_run(engine, streams, long_ids, att, a.max_tokens)
         print(json.dumps(report["gap"]), flush=True)
+    if a.doc_context:
+        ids = prompt_ids(engine, a.doc_context, 123)
+        doc, q = ids[:-32], ids[-32:]  # the document, then its question (and the chat's assistant header)
+        g = torch.Generator().manual_seed(5)
+        # the other questions: the same ending with other first tokens, so the prompts part where they begin
+        questions = [q] + [torch.randint(100, 1000, (4,), generator=g).tolist() + q[4:]
+                           for _ in range(a.doc_questions - 1)]
+        report["doc"] = doc_run(engine, doc, questions, att, 8)
+        print(json.dumps(report["doc"]), flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     if report["concurrent"]:
         plot(report, out.with_suffix(".png"))
+    elif report.get("doc"):
+        plot_doc(report, out.with_suffix(".png"))
     print("wrote", out, json.dumps({k: report.get(k) for k in ("decode_speedup", "concurrent_over_sequential")}))
     engine.shutdown()
 

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from index import MIN_CAPACITY, OffloadedStore, graph_knn
+from index import MIN_CAPACITY, NO_DESC, NO_PART, OffloadedStore, graph_knn, request_row
 
 from .attention import AttentionConfig
+from .doc_cache import DocEntry
 from .model import ModelShape
 
 
@@ -54,6 +55,9 @@ class Occurrences:
         self.sorted[: n + b] = np.insert(self.sorted[:n], at, new_tok)
         self.by_token[: n + b] = np.insert(self.by_token[:n], at, new_ids)
         self.n = n + b
+
+    def nbytes(self) -> int:
+        return self.tokens.nbytes + self.by_token.nbytes + self.sorted.nbytes
 
     def of(self, token: int) -> np.ndarray:
         s = self.sorted[: self.n]
@@ -143,7 +147,7 @@ class StaticPools:
 def host_bytes(shape: ModelShape, cfg: AttentionConfig, prompt_len: int, total_len: int) -> int:
     """What a request may hold in host memory at most: per layer, for every token that can leave the
     device (a store holds at least 1024), K and V in the store's dtype, the graph's links or hnswlib's
-    copy, links and bookkeeping, and a visit stamp per query head; the search lists; the token of each key
+    copy, links and bookkeeping, and a visit stamp; the search lists; the token of each key
     (occurrences) and the pinned eviction buffers."""
     kind = cfg.store_kind
     if kind is None:
@@ -152,15 +156,27 @@ def host_bytes(shape: ModelShape, cfg: AttentionConfig, prompt_len: int, total_l
     n = max(MIN_CAPACITY, offloadable(total_len, prompt_len, S, W))
     L, G, H, d, p = shape.n_layers, shape.n_kv_heads, shape.n_heads, shape.head_dim, cfg.index
     item = 2 if kind != "hnsw" and p.dtype == "bf16" else 4
-    per = G * d * 2 * item + H * 4
-    fixed = H * max(p.ef, min(cfg.top_k, n)) * 13 + H * 4  # search lists (cs/ci/cx) and stamps of every head
+    per = G * d * 2 * item + 4  # + a visit stamp per key (the store's own searches: insertions)
+    fixed = p.ef * 13 + 4  # its search list (cs/ci/cx) and stamp; a decode step's are the runner's, per thread
     if kind == "graph":
         A = H if p.per_head == "query" else G
         per += A * p.degree * 4
         fixed += A * p.entries * 4
-    elif kind == "hnsw":
-        per += G * (d * 4 + (2 * p.hnsw_m + 1) * 4 + 8 + 96)
+    elif kind == "hnsw":  # searched head by head: scratch for every head
+        per += G * (d * 4 + (2 * p.hnsw_m + 1) * 4 + 8 + 96) + H * 4
+        fixed += H * max(p.ef, min(cfg.top_k, n)) * 13 + H * 4
     return L * (per * n + fixed) + 24 * total_len + 2 * L * G * cfg.evict_block * d * 4
+
+
+def entry_bytes(shape: ModelShape, cfg: AttentionConfig, prompt_len: int, dtype: torch.dtype) -> int:
+    """The most a document-cache entry of this prompt may take (engine/doc_cache.py): its stores as a
+    request's of the prompt alone (host_bytes), and the host copies of its sink and window, or of every
+    token where the mode has no stores."""
+    L, G, d, item = shape.n_layers, shape.n_kv_heads, shape.head_dim, dtype.itemsize
+    if cfg.store_kind is None:
+        return L * G * prompt_len * d * 2 * item + 8 * prompt_len
+    S, _, W = static_slots(cfg, prompt_len)
+    return host_bytes(shape, cfg, prompt_len, prompt_len) + L * G * (S + W) * d * 2 * item + 8 * prompt_len
 
 
 def offloadable(total_len: int, prompt_len: int, S: int, W: int) -> int:
@@ -178,11 +194,16 @@ def static_slots(cfg: AttentionConfig, total_len: int) -> tuple[int, int, int]:
 
 class SequenceKV:
     def __init__(self, shape: ModelShape, cfg: AttentionConfig, total_len: int, device: torch.device,
-                 dtype: torch.dtype, copy_scores: np.ndarray | None = None, pools: StaticPools | None = None):
+                 dtype: torch.dtype, copy_scores: np.ndarray | None = None, pools: StaticPools | None = None,
+                 prefix: tuple[DocEntry, int] | None = None, new_entry: DocEntry | None = None):
         """copy_scores (n_layers, n_heads), the engine's: in `retrieval` mode the heads at or above
         cfg.copy_threshold scan their offloaded keys exactly (see engine/heads.py). pools: where the static
-        part lives (the engine's, shared with the requests it batches; default: a pool of its own)."""
-        self.shape, self.cfg, self.device, self.total_len = shape, cfg, device, total_len
+        part lives (the engine's, shared with the requests it batches; default: a pool of its own).
+        prefix (entry, c): the prompt's first c tokens are a cached document's (engine/doc_cache.py): the
+        prefill fills their K/V from it, and the entry's keys the request would offload are searched in its
+        stores, beside the request's own. new_entry: an entry to fill with this prompt instead (its middle
+        goes to the entry's stores, which the request then searches the same way)."""
+        self.shape, self.cfg, self.device, self.total_len, self.dtype = shape, cfg, device, total_len, dtype
         L, G, H, d = shape.n_layers, shape.n_kv_heads, shape.n_heads, shape.head_dim
         B = cfg.evict_block
         self.full = cfg.mode == "full"
@@ -210,10 +231,19 @@ class SequenceKV:
                  else np.zeros((L, H), bool))
         self.stores = ([OffloadedStore(kind, G, H, d, params, exact_heads=exact[l]) for l in range(L)]
                        if kind else None)
+        self.hit, self.prefix_len = prefix if prefix is not None else (None, 0)
+        self.new_entry = new_entry
+        if new_entry is not None and kind:
+            new_entry.stores = [OffloadedStore(kind, G, H, d, params, exact_heads=exact[l]) for l in range(L)]
+        self._copying_heads = bool(exact.any())
+        self.cached: DocEntry | None = None  # the entry whose stores it searches beside its own
+        self.cached_n = 0  # the entry's keys it sees: those of its own prompt that leave the device
+        self.own_from = 0  # the token of its own stores' first key
         # past exact_max keys the exact heads look up the current token's occurrences instead of scanning
         self.occ = Occurrences(total_len) if exact.any() else None
         self.ring_tok = np.zeros(self.C, np.int64)  # token in each ring slot, for the occurrences
         self.cur_occ: np.ndarray | None = None
+        self.cur_cached_occ: np.ndarray | None = None
         pin = device.type == "cuda"
         self.evict_k = torch.empty(L, G, B, d, dtype=torch.float32, pin_memory=pin) if kind else None
         self.evict_v = torch.empty_like(self.evict_k) if kind else None
@@ -223,7 +253,7 @@ class SequenceKV:
         self._inserts: list[Future] = []  # per layer: the last evicted block's insertion
         self._retrieval_s = 0.0
         self._retrieval_calls = 0
-        self._desc: tuple[int, int, np.ndarray] | None = None  # (stores' versions, top_k, describe's table)
+        self._desc: tuple[int, np.ndarray] | None = None  # (own stores' versions, describe's table)
         if not self.full:
             self.pool = (pools or StaticPools(shape, device)).get(n)
             self.row = self.pool.alloc()
@@ -243,7 +273,8 @@ class SequenceKV:
 
     # ------------------------------------------------------------------ prefill
     def plan_prefill(self, ids: list[int]) -> tuple[int, int, int]:
-        """Split the prompt into (sink, offloaded, window) counts."""
+        """Split the prompt into (sink, offloaded to its own stores, window) counts. With a cached document,
+        the keys before `own_from` that leave the device are the entry's (cached_n of them)."""
         N = len(ids)
         if self.full:
             if N > self.total_len:
@@ -251,53 +282,89 @@ class SequenceKV:
             self._grow(N + 1)
         sink = min(self.S, N)
         win = min(self.W, N - sink)
-        self.split = (sink, N - sink - win, win)
-        self.n_offloaded = N - sink - win if self.stores is not None else 0
+        mid_end = N - win
+        if self.stores is not None and self.new_entry is not None:
+            self.cached, self.cached_n = self.new_entry, mid_end - sink
+            if self._copying_heads:
+                self.new_entry.occ = Occurrences(self.cached_n)
+                self.new_entry.occ.extend(ids[sink: mid_end])
+        elif self.stores is not None and self.hit is not None and self.hit.stores is not None:
+            assert self.hit.sink == sink, "an entry serves requests with its sink"
+            self.cached = self.hit
+            self.cached_n = max(0, min(self.prefix_len, mid_end, sink + self.hit.n) - sink)
+        if self.new_entry is not None:
+            L, G, d = self.shape.n_layers, self.shape.n_kv_heads, self.shape.head_dim
+            raw = self.stores is None  # no stores: it keeps every token
+            self.new_entry.size(L, G, d, self.dtype, 0 if raw else sink, N if raw else win)
+        self.own_from = sink + self.cached_n
+        self.split = (sink, mid_end - self.own_from, win)
+        self.n_offloaded = self.split[1] if self.stores is not None else 0
         self.written = win
         self.ring_tok[:win] = ids[N - win:]
         if self.occ is not None:
-            self.occ.extend(ids[sink: N - win])
+            self.occ.extend(ids[self.own_from: mid_end])
         self.bias[: sink] = 0.0
         self.bias[self.S: self.S + win] = 0.0
         return self.split
 
-    def query_rows(self, N: int) -> torch.Tensor | None:
+    def query_rows(self, N: int, start: int = 0) -> torch.Tensor | None:
         """Positions whose prefill queries shape the graph index: the most recent ones (the question
-        usually sits at the end) and an even spread over the rest."""
-        if self.cfg.store_kind != "graph" or self.split[1] == 0:
+        usually sits at the end) and an even spread over the rest, from `start` (the prefill's first)."""
+        if self.cfg.store_kind != "graph" or (self.split[1] == 0 and self.new_entry is None):
             return None
-        m = self.cfg.graph_queries(N)
-        recent = min(m // 4, N)
-        spread = torch.linspace(0, N - recent - 1, m - recent).long() if m > recent else torch.empty(0, dtype=torch.long)
+        m = self.cfg.graph_queries(N - start)
+        recent = min(m // 4, N - start)
+        spread = (torch.linspace(start, N - recent - 1, m - recent).long() if m > recent
+                  else torch.empty(0, dtype=torch.long))
         rows = torch.cat([spread, torch.arange(N - recent, N)])
         return torch.unique(rows)
 
     def place_prefill(self, l: int, k: torch.Tensor, v: torch.Tensor, q_rows: torch.Tensor | None,
-                      pool: Executor) -> Future | None:
+                      pool: Executor) -> list[Future]:
         """k/v (N, G, d) of layer l; q_rows (m, H, d) sampled roped queries. Static tokens go to the
-        device buffer; the offloaded middle goes to the CPU store, whose index is built in `pool`."""
+        device buffer; the offloaded middle goes to the CPU stores (the request's own, or the entry it
+        makes), whose index is built in `pool`."""
         sink, mid, win = self.split
         N = k.shape[0]
         self.k[l, :, :sink] = k[:sink].transpose(0, 1)
         self.v[l, :, :sink] = v[:sink].transpose(0, 1)
         self.k[l, :, self.S: self.S + win] = k[N - win:].transpose(0, 1)
         self.v[l, :, self.S: self.S + win] = v[N - win:].transpose(0, 1)
-        if self.stores is None:
-            return None
-        store = self.stores[l]
-        k_mid = k[sink: sink + mid].transpose(0, 1)  # (G, mid, d)
-        # straight into the store, with room for every token this request may still evict: a store that a
-        # batched lookup has described never moves (a short prompt with a long answer too)
-        K, V = store.reserve(mid, extra=offloadable(self.total_len, N, self.S, self.W) - mid)
-        if mid == 0:
-            return None
+        futures = []
+        e = self.new_entry
+        if e is not None:
+            if e.stores is None:  # no stores (full, streaming): the entry keeps every token's K/V
+                e.tail_k[l].copy_(k.transpose(0, 1))
+                e.tail_v[l].copy_(v.transpose(0, 1))
+            else:
+                e.sink_k[l].copy_(k[:sink].transpose(0, 1))
+                e.sink_v[l].copy_(v[:sink].transpose(0, 1))
+                e.tail_k[l].copy_(k[N - win:].transpose(0, 1))
+                e.tail_v[l].copy_(v[N - win:].transpose(0, 1))
+                futures += self._fill(e.stores[l], k[sink: N - win], v[sink: N - win], q_rows, 0, pool)
+        if self.stores is not None:
+            # room for every token this request may still evict: a store that a batched lookup has described
+            # never moves (a short prompt with a long answer too)
+            extra = offloadable(self.total_len, N, self.S, self.W) - self.cached_n - mid
+            futures += self._fill(self.stores[l], k[self.own_from: self.own_from + mid],
+                                  v[self.own_from: self.own_from + mid], q_rows, extra, pool)
+        return futures
+
+    def _fill(self, store: OffloadedStore, k: torch.Tensor, v: torch.Tensor, q_rows: torch.Tensor | None,
+              extra: int, pool: Executor) -> list[Future]:
+        """Copy k/v (m, G, d) into the store with room for `extra` keys more, and queue its index build."""
+        m = k.shape[0]
+        k_mid = k.transpose(0, 1)  # (G, m, d)
+        K, V = store.reserve(m, extra=extra)
+        if m == 0:
+            return []
         K.copy_(k_mid)
-        V.copy_(v[sink: sink + mid].transpose(0, 1))
+        V.copy_(v.transpose(0, 1))
         knn = None
-        if q_rows is not None:  # from the keys as the model made them (the store may keep them in bf16)
+        if store.kind == "graph":  # from the keys as the model made them (the store may keep them in bf16)
             k_dev = K if self.device.type == "cpu" and K.dtype == torch.float32 else k_mid.float().contiguous()
             knn = graph_knn(q_rows.float(), k_dev, self.cfg.index.knn, self.cfg.index.per_head)
-        return pool.submit(store.build, mid, knn)
+        return [pool.submit(store.build, m, knn)]
 
     # ------------------------------------------------------------------ decode
     def next_slot(self, token: int) -> int:
@@ -313,6 +380,8 @@ class SequenceKV:
         self.ring_tok[slot - self.S] = token
         if self.occ is not None:
             self.cur_occ = self.occ.of(token)
+        if self.cached is not None and self.cached.occ is not None:
+            self.cur_cached_occ = self.cached.occ.of(token)
         self.written += 1
         self.bias[slot] = 0.0
         return slot
@@ -387,17 +456,27 @@ class SequenceKV:
         """Its lookups can join a batched call (flat and graph stores; hnswlib searches on its own)."""
         return self.stores is not None and self.stores[0].kind != "hnsw"
 
-    def describe(self, top_k: int) -> np.ndarray:
-        """(L, F): every layer's store described for attend_batch (cached while no store's arrays move)."""
+    def describe(self) -> np.ndarray:
+        """(PARTS, L, F): every layer's own store and the cached entry's, described for attend_batch (cached
+        while no store's arrays move; an entry's never do)."""
         version = sum(st.version for st in self.stores)
-        if self._desc is None or self._desc[0] != version or self._desc[1] < top_k:
-            self._wait_inserts()  # describing may reallocate scratch that an insert is using
-            self._desc = (version, top_k, np.stack([st.describe(top_k) for st in self.stores]))
-        return self._desc[2]
+        if self._desc is None or self._desc[0] != version:
+            self._wait_inserts()  # describing pins the stores that an insert may still be growing
+            cached = self.cached.stores if self.cached is not None else [None] * len(self.stores)
+            self._desc = (version, np.stack([np.stack([st.describe() for st in self.stores]),
+                                             np.stack([c.describe() if c is not None else NO_DESC for c in cached])]))
+        return self._desc[1]
 
     def request(self, row: int, top_k: int) -> np.ndarray:
-        """This step's row of attend_batch's request table (q/out row `row`)."""
-        return self.stores[0].request(row, top_k, self.n_offloaded, self.cur_occ)
+        """This step's row of attend_batch's request table (q/out row `row`): its own keys and the entry's."""
+        own = self.stores[0].part(top_k, self.n_offloaded, self.cur_occ)
+        cached = (self.cached.stores[0].part(top_k, self.cached_n, self.cur_cached_occ) if self.cached is not None
+                  else NO_PART)
+        return request_row(row, top_k, [own, cached])
+
+    @property
+    def has_cpu_keys(self) -> bool:
+        return not self.full and self.n_offloaded + self.cached_n > 0
 
     def wait_insert(self, l: int):
         if self._inserts:
@@ -422,14 +501,15 @@ class SequenceKV:
         return sum(s.nbytes() for s in stores) if stores is not None else 0
 
     def offloaded_tokens(self) -> int:
-        return self.stores[0].n if self.stores is not None else 0
+        """Keys it searches on the CPU: its own and the cached entry's it sees."""
+        return self.stores[0].n + self.cached_n if self.stores is not None else 0
 
     def free(self):
         for f in self._inserts:  # none outlives the request (they hold its stores)
             f.cancel()
         wait(self._inserts)
         self._inserts = []
-        self.stores = None
+        self.stores = self.cached = self.new_entry = self.hit = None
         if self.pool is not None:
             self.pool.release(self.row)
             self.pool = None

@@ -23,14 +23,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
+import numpy as np
 import torch
 
 from index import warm_up
 
 from .attention import AttentionConfig
 from .detokenize import IncrementalDetokenizer
+from .doc_cache import MIN_TOKENS, DocCache, DocEntry, fingerprint
 from .heads import copy_scores
-from .kv import SequenceKV, StaticPools, host_bytes, static_slots
+from .kv import SequenceKV, StaticPools, entry_bytes, host_bytes, static_slots
 from .logging_context import request_id
 from .loader import EMBEDDED, load_model
 from .model_runner import ModelRunner, PrefillStats
@@ -64,6 +66,7 @@ class EngineConfig:
     prefill_slice: float = 0.25        # seconds of prefill work at most between two decode steps
     cuda_graphs: bool = True           # CUDA: decode steps replay graphs captured at start (False: eager)
     cpu_kv_budget_gb: float | None = None  # host memory for the running requests' CPU stores (None: available)
+    doc_cache_gb: float | None = None  # document cache (None: a quarter of the host memory available; 0: off)
     build_threads: int = 0             # index builds in parallel on CUDA (0: one per core)
     cpu_threads: int = 0               # numba threads of the retrieval step (0: all cores)
     request_timeout: float = 0.0       # seconds from submit() to the last token (0: none)
@@ -83,6 +86,8 @@ class EngineConfig:
             raise ValueError("prefill_slice must be > 0")
         if self.cpu_kv_budget_gb is not None and self.cpu_kv_budget_gb <= 0:
             raise ValueError("cpu_kv_budget_gb must be > 0")
+        if self.doc_cache_gb is not None and self.doc_cache_gb < 0:
+            raise ValueError("doc_cache_gb must be >= 0")
         if self.request_timeout < 0 or self.stall_timeout <= 0:
             raise ValueError("request_timeout must be >= 0 and stall_timeout > 0")
 
@@ -109,8 +114,9 @@ def default_host_budget() -> int:
     except (OSError, ValueError):
         pass
     if avail is None:
-        log.warning("host memory available unknown: no bound on the CPU stores (set --cpu-kv-budget)")
-        return 2**62
+        log.warning("host memory available unknown: no bound on the CPU stores (set --cpu-kv-budget), and no "
+                    "document cache unless --doc-cache-gb sets its size")
+        return UNBOUNDED
     return max(0, avail - max(avail // 10, 2**30))
 
 
@@ -127,6 +133,7 @@ class EngineObserver(Protocol):
     def on_request_done(self, times: RequestTimes) -> None: ...
 
 
+UNBOUNDED = 2**62
 PROGRESS_LOG_S = 5.0  # a long prefill logs its progress this often
 
 
@@ -146,8 +153,9 @@ class Engine:
         if self.device.type == "cuda" and config.cuda_graphs:
             self._capture_graphs()
         warm_up()  # the CPU kernels compile here, not inside the first request that offloads
-        budget = int(config.cpu_kv_budget_gb * 2**30) if config.cpu_kv_budget_gb else default_host_budget()
+        budget, doc = self._host_budgets()
         self.scheduler = Scheduler(config.max_num_seqs, config.max_queue, budget)
+        self.doc_cache = DocCache(doc) if doc else None
         self._seqs: dict[str, Sequence] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -174,6 +182,18 @@ class Engine:
             log.exception("CUDA graph capture failed: decoding eagerly")
             return
         log.info("decode step captured as CUDA graphs for batches of %s in %.1f s", sizes, time.perf_counter() - t)
+
+    def _host_budgets(self) -> tuple[int, int]:
+        """(bytes for the running requests' CPU stores, bytes for the document cache): as configured, or
+        what the machine has available shared 3:1 between them."""
+        c = self.config
+        avail = default_host_budget() if c.cpu_kv_budget_gb is None or c.doc_cache_gb is None else 0
+        if c.doc_cache_gb is not None:
+            doc = int(c.doc_cache_gb * 2**30)
+        else:
+            doc = 0 if avail >= UNBOUNDED else avail // 4
+        kv = int(c.cpu_kv_budget_gb * 2**30) if c.cpu_kv_budget_gb is not None else max(0, avail - doc)
+        return kv, doc
 
     @property
     def cpu_kv_budget(self) -> int:
@@ -366,7 +386,7 @@ class Engine:
 
     def _out(self, seq: Sequence, token, text, sample=None, finish=None, error=None) -> StepOutput:
         return StepOutput(seq.request.request_id, token, text, sample, finish, error, seq.num_prompt,
-                          len(seq.generated))
+                          len(seq.generated), num_cached_tokens=seq.cached_tokens)
 
     def _end_early(self, seq: Sequence):
         """End a request that was aborted or is out of time. Out of time ends it as if it had reached its
@@ -392,6 +412,12 @@ class Engine:
         if seq.kv is not None:
             seq.kv.free()
             seq.kv = None
+        if seq.doc is not None:  # after the KV: nothing of the request reads the entry any more
+            self.doc_cache.release(seq.doc)
+            seq.doc = None
+        if seq.doc_making is not None:  # ended before its entry was made
+            self.doc_cache.unreserve(seq.doc_making[1])
+            seq.doc_making = None
 
     def _finish(self, seq: Sequence, out: StepOutput):
         """The request's final output: its KV is freed first, then it leaves the engine."""
@@ -423,14 +449,47 @@ class Engine:
             self._end_early(seq)
             return
         try:
+            hit, c = self._find_document(seq)
             seq.kv = SequenceKV(self.shape, seq.attention, seq.num_prompt + sp.max_tokens, self.device,
-                                self.model.dtype, self.copy_scores, self.pools)
+                                self.model.dtype, self.copy_scores, self.pools, prefix=(hit, c) if hit else None,
+                                new_entry=seq.doc_making[0] if seq.doc_making else None)
             seq.prefill = self.runner.prefill_steps(seq.request.prompt_ids, [seq.kv])
             seq.sampler = Sampler(sp, self.shape.vocab_size, self.device)
             seq.detok = IncrementalDetokenizer(self.tokenizer, sp.stop) if self.tokenizer is not None else None
             seq.stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.eos_ids)
         except Exception as e:
             self._fail(seq, e)
+
+    def _find_document(self, seq: Sequence) -> tuple[DocEntry | None, int]:
+        """The document-cache entry whose prefix the prompt reuses and that prefix's length (a reference
+        the request holds), or (None, 0): then, if the prompt is long enough and fits the cache, the
+        request makes an entry of it."""
+        ids, att = seq.request.prompt_ids, seq.attention
+        key = fingerprint(att) if self.doc_cache is not None and len(ids) >= MIN_TOKENS else None
+        if key is None:
+            return None, 0
+        hit, c = self.doc_cache.lookup(key, ids)
+        if hit is not None and c >= att.sink:
+            seq.doc, seq.cached_tokens = hit, c
+            return hit, c
+        if hit is not None:
+            self.doc_cache.release(hit)
+        need = entry_bytes(self.shape, att, len(ids), self.model.dtype)
+        if self.doc_cache.reserve(need):
+            seq.doc_making = (DocEntry(key, np.asarray(ids, np.int64)), need)
+        return None, 0
+
+    def _prefilled_document(self, seq: Sequence):
+        """After the prefill: an entry it made joins the cache; and the keys it reads from an entry in the
+        cache (made or found) are the cache's to count, no longer its own (admission)."""
+        if seq.doc_making is not None:
+            entry, reserved = seq.doc_making
+            seq.doc_making = None
+            if self.doc_cache.insert(entry, reserved):
+                seq.doc = entry
+        if seq.doc is not None and seq.kv.cached_n:
+            n = seq.num_prompt - seq.kv.cached_n
+            seq.host_bytes = host_bytes(self.shape, seq.attention, n, n + seq.request.sampling.max_tokens)
 
     def _prefill_slice(self, seq: Sequence, budget: float | None):
         """Advance the prefill by about `budget` seconds of work (None: to its end), checking between
@@ -460,6 +519,8 @@ class Engine:
                 if budget is not None and now - t0 >= budget:
                     return
             seq.prefill = None
+            if self.doc_cache is not None:
+                self._prefilled_document(seq)
             self._observe("on_prefill", stats[0])
             self.scheduler.prefilled(seq)
             self._accept(seq, logits)

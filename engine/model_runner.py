@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from index import attend_batch
+from index import BatchScratch, attend_batch
 
 from .attention import merge_partial_attention, partial_attention
 from .kv import SequenceKV, StaticPool
@@ -37,6 +37,7 @@ class PrefillStats:
     index_wait_s: float = 0.0  # waiting for index builds after the last layer
     build_s: float = 0.0       # index build time summed over layers (overlaps compute)
     offloaded: int = 0
+    cached: int = 0            # prompt tokens whose K/V came from the document cache
 
 
 class InlineExecutor(Executor):
@@ -72,6 +73,7 @@ class ModelRunner:
         self._graph_io: dict[int, _RowIO] = {}  # per fixed pool: what its graphs read and write
         self._graphs: dict[int, dict] = {}  # per fixed pool: {rows: {has CPU part: [(point, layer, graph)]}}
         self.use_graphs = True  # False: every step eager (graphs stay captured)
+        self.scratch = BatchScratch(model.shape.head_dim)  # the batched lookups' search lists, per CPU thread
         self._wait_s = 0.0
 
     def prefill(self, ids: list[int], kv: SequenceKV, capture=None,
@@ -118,23 +120,29 @@ class ModelRunner:
         m, s = self.model, self.model.shape
         t0 = time.perf_counter()
         N = len(ids)
-        h = m.embed[torch.tensor(ids, device=self.device)]
-        cos, sin = m.rope(torch.arange(N, device=self.device))
+        # a cached document's first c tokens: their K/V come from its entry, only the rest is computed
+        c = kvs[0].prefix_len
+        assert all(kv.prefix_len == c for kv in kvs), "one prefill serves one cached prefix"
+        entry = kvs[0].hit
+        h = m.embed[torch.tensor(ids[c:], device=self.device)]
+        cos, sin = m.rope(torch.arange(c, N, device=self.device))
         sampled = []  # per kv: (rows on host, rows on device, gathered queries) for a graph build, else None
         for kv in kvs:
             kv.executor = self.insert_pool
             kv.plan_prefill(ids)
-            rows = kv.query_rows(N)
+            rows = kv.query_rows(N, c)
             sampled.append(None if rows is None else (
                 rows, rows.to(self.device),
                 torch.empty(len(rows), s.n_heads, s.head_dim, device=self.device, dtype=m.dtype)))
-        attn = torch.empty(N, s.n_heads, s.head_dim, device=self.device, dtype=m.dtype)
+        attn = torch.empty(N - c, s.n_heads, s.head_dim, device=self.device, dtype=m.dtype)
         k_all = torch.empty(N, s.n_kv_heads, s.head_dim, device=self.device, dtype=m.dtype)
         v_all = torch.empty_like(k_all)
         for l in range(s.n_layers):
-            for a in range(0, N, self.chunk):
+            if c:
+                entry.copy_prefix(l, c, k_all[:c], v_all[:c])
+            for a in range(c, N, self.chunk):
                 b = min(N, a + self.chunk)
-                q, k, v = m.qkv(l, h[a:b], cos[a:b], sin[a:b])
+                q, k, v = m.qkv(l, h[a - c:b - c], cos[a - c:b - c], sin[a - c:b - c])
                 k_all[a:b], v_all[a:b] = k, v
                 if capture is not None:
                     capture(l, a, q, k)
@@ -144,15 +152,13 @@ class ModelRunner:
                 o = F.scaled_dot_product_attention(
                     q.transpose(0, 1)[None], k_all[:b].transpose(0, 1)[None], v_all[:b].transpose(0, 1)[None],
                     attn_mask=causal_lower_right(b - a, b), enable_gqa=True)
-                attn[a:b] = o[0].transpose(0, 1)
+                attn[a - c:b - c] = o[0].transpose(0, 1)
                 yield l
             for kv, smp in zip(kvs, sampled):
-                fut = kv.place_prefill(l, k_all, v_all, smp[2] if smp else None, self.pool)
-                if fut is not None:
-                    futures.append(fut)
-            for a in range(0, N, self.chunk):
+                futures += kv.place_prefill(l, k_all, v_all, smp[2] if smp else None, self.pool)
+            for a in range(0, N - c, self.chunk):
                 m.finish_layer(l, h[a:a + self.chunk], attn[a:a + self.chunk])
-                yield l if a + self.chunk < N else l + 1
+                yield l if a + self.chunk < N - c else l + 1
         logits = m.logits(h[-1])
         t1 = time.perf_counter()
         pending = futures
@@ -163,7 +169,7 @@ class ModelRunner:
             if pending:
                 yield s.n_layers
         t2 = time.perf_counter()
-        return logits, [PrefillStats(N, t1 - t0, t2 - t1, kv.build_seconds(), kv.offloaded_tokens()) for kv in kvs]
+        return logits, [PrefillStats(N, t1 - t0, t2 - t1, kv.build_seconds(), kv.offloaded_tokens(), c) for kv in kvs]
 
     def decode(self, token: int, pos: int, kv: SequenceKV, top_k: int, capture=None) -> torch.Tensor:
         """One token of one sequence -> logits (V,) float32 (decode_batch with a batch of one)."""
@@ -203,7 +209,7 @@ class ModelRunner:
         ints[0, rows], ints[1, rows], ints[2, rows] = tokens, positions, slots
         io.ints.copy_(io.ints_host, non_blocking=True)
         buf = io.buf
-        lookups = _StepLookups(kvs, rows, top_ks, buf, Rc, self.model)
+        lookups = _StepLookups(kvs, rows, top_ks, buf, Rc, self.model, self.scratch)
 
         def on(point: str, l: int):
             if point == "query" and buf.q_ready is not None:
@@ -318,7 +324,7 @@ class ModelRunner:
             n = len(idx)
             gidx.append((ints[at: at + n], ints[at + n: at + 2 * n], ints[at + 2 * n: at + 3 * n]))
             at += 3 * n
-        lookups = _StepLookups(kvs, list(range(B)), top_ks, buf, B, m)
+        lookups = _StepLookups(kvs, list(range(B)), top_ks, buf, B, m, self.scratch)
         cpu = lookups.any
         with self._decode_backends():
             for l in range(s.n_layers):
@@ -399,10 +405,10 @@ class _StepLookups:
     step buffers; of their first n_rows rows, those without CPU keys hold an empty part."""
 
     def __init__(self, kvs: list[SequenceKV], rows: list[int], top_ks: list[int], buf: "_StepBuffers",
-                 n_rows: int, model: Transformer):
-        self.buf, self.G, self.scale = buf, model.shape.n_kv_heads, model.scale
+                 n_rows: int, model: Transformer, scratch: BatchScratch):
+        self.buf, self.G, self.scale, self.scratch = buf, model.shape.n_kv_heads, model.scale, scratch
         # per step, not per layer: which sequences look up CPU keys (all layers have the same keys)
-        cpu = [b for b, kv in enumerate(kvs) if not kv.full and kv.n_offloaded > 0]
+        cpu = [b for b, kv in enumerate(kvs) if kv.has_cpu_keys]
         self.any = bool(cpu)
         if cpu:
             buf.o_np[:n_rows], buf.ms_np[:n_rows, 0], buf.ms_np[:n_rows, 1] = 0.0, -np.inf, 0.0
@@ -412,7 +418,7 @@ class _StepLookups:
         for kv, r, k in zip(kvs, rows, top_ks):
             if kv.batchable:
                 by_dtype.setdefault(kv.stores[0].dtype, []).append((kv, r, k))
-        self.calls = [(dt, [kv for kv, _, _ in g], np.stack([kv.describe(k) for kv, _, k in g]),
+        self.calls = [(dt, [kv for kv, _, _ in g], np.stack([kv.describe() for kv, _, _ in g]),
                        np.stack([kv.request(r, k) for kv, r, k in g])) for dt, g in by_dtype.items()]
 
     def __call__(self, l: int):
@@ -421,7 +427,7 @@ class _StepLookups:
             for kv in kvs:
                 kv.wait_insert(l)
             t = time.perf_counter()
-            attend_batch(desc, l, req, self.G, self.scale, buf.q_np, buf.o_np, buf.ms_np, dtype)
+            attend_batch(desc, l, req, self.G, self.scale, buf.q_np, buf.o_np, buf.ms_np, dtype, self.scratch)
             t = time.perf_counter() - t
             for kv in kvs:
                 kv.add_retrieval_seconds(t)

@@ -12,6 +12,7 @@ from .sampling import SampleResult, SamplingParams
 
 if TYPE_CHECKING:
     from .detokenize import IncrementalDetokenizer
+    from .doc_cache import DocEntry
     from .kv import SequenceKV
     from .sampling import Sampler
 
@@ -37,6 +38,7 @@ class StepOutput:
     num_prompt_tokens: int = 0
     num_generated: int = 0
     error_status: int = 500        # with finish_reason "error": the HTTP status it stands for
+    num_cached_tokens: int = 0     # prompt tokens whose K/V came from the document cache
 
 
 @dataclass(eq=False)  # identity: the scheduler finds and removes a sequence, never compares prompts
@@ -51,6 +53,9 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() after which the request ends (--request-timeout)
     host_bytes: int = 0  # host memory its CPU stores may take at most (kv.host_bytes): what admission counts
+    doc: DocEntry | None = None  # the document-cache entry it uses (a reference it holds until it ends)
+    doc_making: tuple[DocEntry, int] | None = None  # the entry its prefill makes, and the bytes reserved for it
+    cached_tokens: int = 0  # prompt tokens it reuses from the document cache
     # set by the engine thread once the request leaves the queue
     kv: SequenceKV | None = None
     prefill: Generator[int, None, Any] | None = None  # the prefill in progress (ModelRunner.prefill_steps)

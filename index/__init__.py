@@ -10,9 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 from .knn import exact_topk, graph_knn
-from .store import KINDS, MIN_CAPACITY, STORE_DTYPES, IndexParams, OffloadedStore, attend_batch
+from .store import (KINDS, MIN_CAPACITY, NO_DESC, NO_PART, STORE_DTYPES, BatchScratch, IndexParams, OffloadedStore,
+                    attend_batch, request_row)
 
-__all__ = ["KINDS", "MIN_CAPACITY", "IndexParams", "OffloadedStore", "attend_batch", "Index", "build_index", "exact_topk", "graph_knn", "warm_up"]
+__all__ = ["KINDS", "MIN_CAPACITY", "NO_DESC", "NO_PART", "BatchScratch", "IndexParams", "OffloadedStore", "attend_batch",
+           "request_row", "Index", "build_index", "exact_topk", "graph_knn", "warm_up"]
 
 
 def warm_up():
@@ -33,8 +35,9 @@ def warm_up():
         store.attend(q, k, 1.0, o, m, s, occ=np.arange(4, dtype=np.int64))
         if kind != "hnsw":
             ms = np.empty((1, 2, H), np.float32)
-            attend_batch(store.describe(k)[None, None], 0, store.request(0, k, n, None)[None], G, 1.0, q[None],
-                         o[None], ms, store.dtype)
+            desc = np.stack([store.describe(), store.describe()])[None, :, None]
+            req = request_row(0, k, [store.part(k, n, None), store.part(k, n // 2, None)])[None]
+            attend_batch(desc, 0, req, G, 1.0, q[None], o[None], ms, store.dtype, BatchScratch(d))
         store.append(keys[:, :4], keys[:, :4])
 
 

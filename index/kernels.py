@@ -7,12 +7,13 @@ and parallelise over heads, so one call serves one layer. Scratch arrays come fr
 nothing is allocated per decode step.
 """
 import numpy as np
-from numba import carray, njit, prange, types
+from numba import carray, get_thread_id, njit, prange, types
 from llvmlite import ir
 from numba.extending import intrinsic, overload
 
 NEG_INF = np.float32(-np.inf)
 STAMP_MAX = 2**31 - 2
+ENTRY_SPACING = 64  # add_nodes: a free entry slot takes every this many-th inserted key
 
 
 def _pointer_cast(nbtype):
@@ -313,50 +314,79 @@ def ids_attend(q, K, V, ids, counts, scale, out_o, out_m, out_s):
         out_m[h], out_s[h] = _attend_one(q[h], K[g], V[g], ids[h], counts[h], scale, out_o[h])
 
 
-# A store described by addresses (OffloadedStore.describe), for batch_attend: one row per request and layer.
-D_K, D_V, D_ADJ, D_ENTRIES, D_EXACT, D_VISITED, D_STAMPS, D_CS, D_CI, D_CX, D_CAP, D_ROWS, D_WIDTH, D_A, D_R, D_E = range(16)
-DESCRIBE_FIELDS = 16
-# Per request and step: its row in q/out, flat (0) or graph (1), k, keys, ef, exact_max, occurrences.
-R_ROW, R_KIND, R_K, R_N, R_EF, R_EXACT_MAX, R_OCC, R_OCC_N = range(8)
-REQUEST_FIELDS = 8
+# A store described by addresses (OffloadedStore.describe), for batch_attend: one row per store and layer.
+D_K, D_V, D_ADJ, D_ENTRIES, D_EXACT, D_CAP, D_A, D_R, D_E = range(9)
+DESCRIBE_FIELDS = 9
+# Per request and step: its row in q/out and k, then PARTS parts (its own store, a cached document's), each
+# flat (0) or graph (1), its keys (0: no part), ef, exact_max and occurrences.
+R_ROW, R_K = range(2)
+P_KIND, P_N, P_EF, P_EXACT_MAX, P_OCC, P_OCC_N = range(6)
+PART_FIELDS, PARTS = 6, 2
+REQUEST_FIELDS = 2 + PARTS * PART_FIELDS
+
+
+@njit(nogil=True, fastmath=True, cache=True, inline="always")
+def _merge_into(o, m, s, o2, m2, s2):
+    """o, m, s <- the log-sum-exp merge of two partial attentions (o normalised, m max score, s sum of
+    exponentials at m); a part with no keys (s == 0) leaves the other as it is."""
+    if s2 == 0.0:
+        return m, s
+    if s == 0.0:
+        for i in range(o.shape[0]):
+            o[i] = o2[i]
+        return m2, s2
+    mx = max(m, m2)
+    a, c = s * np.exp(m - mx), s2 * np.exp(m2 - mx)
+    inv = np.float32(1.0) / (a + c)
+    for i in range(o.shape[0]):
+        o[i] = (a * o[i] + c * o2[i]) * inv
+    return mx, a + c
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def batch_attend(desc, l, req, G, scale, q, out_o, out_ms, kv_like):
+def batch_attend(desc, l, req, G, scale, q, out_o, out_ms, kv_like, visited, stamps, cs, ci, cx, tmp):
     """Top-k + partial attention for every (request, head) pair of layer l in one parallel loop: desc (B,
-    L, DESCRIBE_FIELDS) describes each request's stores, req (B, REQUEST_FIELDS) its step; q (rows, H,
-    d) -> out_o (rows, H, d), out_ms (rows, 2, H) (max score, sum of exponentials) at each request's row.
-    Flat stores and k >= n scan exactly; graph stores walk their graph (exact heads as in graph_attend).
-    kv_like: an array of the stores' K/V dtype (all of them the same)."""
+    PARTS, L, DESCRIBE_FIELDS) describes each request's stores, req (B, REQUEST_FIELDS) its step; q (rows,
+    H, d) -> out_o (rows, H, d), out_ms (rows, 2, H) (max score, sum of exponentials) at each request's row.
+    Each part gives its own top-k, merged by log-sum-exp. Flat stores and k >= n scan exactly; graph stores
+    walk their graph (exact heads as in graph_attend). kv_like: an array of the stores' K/V dtype (all of
+    them the same). Scratch is per worker thread (row numba.get_thread_id()): visited (T, >= any n),
+    stamps (T,), cs/ci/cx (T, >= any part's list), tmp (T, d)."""
     B, H, d = req.shape[0], q.shape[1], q.shape[2]
     for t in prange(B * H):
         b = t // H
         h = t - b * H
-        e = desc[b, l]
-        r, n = req[b, R_ROW], req[b, R_N]
-        k = min(req[b, R_K], n)
-        cap, rows, width = e[D_CAP], e[D_ROWS], e[D_WIDTH]
+        th = get_thread_id()
+        r, k = req[b, R_ROW], req[b, R_K]
         g = h // (H // G)
-        Kg = carray(_ptr_like(e[D_K], kv_like), (G, cap, d))[g]
-        Vg = carray(_ptr_like(e[D_V], kv_like), (G, cap, d))[g]
-        cs = carray(_f32p(e[D_CS]), (rows, width))[h]
-        ci = carray(_i64p(e[D_CI]), (rows, width))[h]
-        qv = q[r, h]
-        if req[b, R_KIND] == 0 or k >= n:
-            got = _flat_one(qv, Kg, n, k, cs, ci)
-        else:
-            A = e[D_A]
-            a = h // (H // A)
-            adj = carray(_i32p(e[D_ADJ]), (A, cap, e[D_R]))[a]
-            entries = carray(_i32p(e[D_ENTRIES]), (A, e[D_E]))[a]
-            exact = carray(_u8p(e[D_EXACT]), (H,))
-            visited = carray(_i32p(e[D_VISITED]), (rows, cap))[h]
-            stamps = carray(_i32p(e[D_STAMPS]), (rows,))
-            cx = carray(_u8p(e[D_CX]), (rows, width))[h]
-            occ = carray(_i64p(req[b, R_OCC]), (req[b, R_OCC_N],))
-            got, _ = _graph_or_exact(qv, Kg, n, k, adj, entries, exact[h], req[b, R_EXACT_MAX], occ, req[b, R_EF],
-                                     visited, _bump(visited, stamps, h), cs, ci, cx)
-        out_ms[r, 0, h], out_ms[r, 1, h] = _attend_one(qv, Kg, Vg, ci, min(k, got), scale, out_o[r, h])
+        qv, o = q[r, h], out_o[r, h]
+        m, s = NEG_INF, np.float32(0.0)
+        for i in range(d):
+            o[i] = 0.0
+        for p in range(PARTS):
+            f = 2 + p * PART_FIELDS
+            n = req[b, f + P_N]
+            if n == 0:
+                continue
+            kk = min(k, n)
+            e = desc[b, p, l]
+            cap = e[D_CAP]
+            Kg = carray(_ptr_like(e[D_K], kv_like), (G, cap, d))[g]
+            Vg = carray(_ptr_like(e[D_V], kv_like), (G, cap, d))[g]
+            if req[b, f + P_KIND] == 0 or kk >= n:
+                got = _flat_one(qv, Kg, n, kk, cs[th], ci[th])
+            else:
+                A = e[D_A]
+                adj = carray(_i32p(e[D_ADJ]), (A, cap, e[D_R]))[h // (H // A)]
+                entries = carray(_i32p(e[D_ENTRIES]), (A, e[D_E]))[h // (H // A)]
+                exact = carray(_u8p(e[D_EXACT]), (H,))
+                occ = carray(_i64p(req[b, f + P_OCC]), (req[b, f + P_OCC_N],))
+                got, _ = _graph_or_exact(qv, Kg, n, kk, adj, entries, exact[h], req[b, f + P_EXACT_MAX], occ,
+                                         req[b, f + P_EF], visited[th], _bump(visited[th], stamps, th), cs[th],
+                                         ci[th], cx[th])
+            m2, s2 = _attend_one(qv, Kg, Vg, ci[th], min(kk, got), scale, tmp[th])
+            m, s = _merge_into(o, m, s, tmp[th], m2, s2)
+        out_ms[r, 0, h], out_ms[r, 1, h] = m, s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,6 +499,11 @@ def add_nodes(Kg, start, end, adj, entries, ef, visited, stamps, cs, ci, cx):
         if u > 0:
             adj[u, 0] = u - 1
             adj[u - 1, 1] = u
+        if u % ENTRY_SPACING == 0:  # a graph that started empty (no prefill keys) takes entries as it grows
+            for e in range(entries.shape[0]):
+                if entries[e] < 0:
+                    entries[e] = u
+                    break
         if u == 0:
             continue
         got, _ = _beam_one(Kg[u], Kg, u, adj, entries, ef, vis, _bump(vis, stamps, 0), cs, ci, cx)

@@ -73,15 +73,20 @@ class OffloadedStore:
         self.version = 0  # counts moves of the arrays `describe` gives the addresses of
         self.pinned = False  # described for batch_attend: the arrays must not move (see append)
         self._desc: tuple[int, np.ndarray] | None = None
-        self._scratch_for(self.H, self.p.ef)
+        self._scratch_for(1, self.p.ef)  # add_nodes' row; direct searches grow it to one per head
 
     # ------------------------------------------------------------------ memory
     @property
     def capacity(self) -> int:
         return self.K.shape[1]
 
+    def kv_tensors(self, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(G, m, d) tensors over the first m keys and values (float32 or bfloat16), for reading them back."""
+        return _tensor(self.K[:, :m]), (_tensor(self.V[:, :m]) if self.V is not None else None)
+
     def nbytes(self) -> int:
         b = self.K.nbytes + (self.V.nbytes if self.V is not None else 0)
+        b += self.visited.nbytes + self.cs.nbytes + self.ci.nbytes + self.cx.nbytes + self.stamps.nbytes
         if self.kind == "graph":
             b += self.adj.nbytes + self.entries.nbytes
         for ix in self.hnsw:  # level-0 links + data, as hnswlib lays them out
@@ -254,45 +259,89 @@ class OffloadedStore:
             kernels.ids_attend(q, self.K, self.V, self.ci, self.counts, scale, out_o, out_m, out_s)
 
     # ------------------------------------------------------------------ batched lookups
-    def describe(self, k: int) -> np.ndarray:
-        """This store's row of batch_attend's table (addresses and sizes of its arrays), with scratch for
-        searches of k keys. The store is pinned from then on: its arrays stay where they are."""
+    def describe(self) -> np.ndarray:
+        """This store's row of batch_attend's table (addresses and sizes of its arrays). The store is pinned
+        from then on: its arrays stay where they are."""
         if self.kind == "hnsw":
             raise ValueError("hnswlib stores are searched by hnswlib, not by batch_attend")
-        self._ensure_width(self.H, min(k, self.capacity))  # k may be "all keys": scratch for what there can be
         if self._desc is None or self._desc[0] != self.version:
-            graph = self.kind == "graph"
             d = np.zeros(kernels.DESCRIBE_FIELDS, np.int64)
-            for f, a in ((kernels.D_K, self.K), (kernels.D_V, self.V), (kernels.D_EXACT, self.exact),
-                         (kernels.D_VISITED, self.visited), (kernels.D_STAMPS, self.stamps), (kernels.D_CS, self.cs),
-                         (kernels.D_CI, self.ci), (kernels.D_CX, self.cx)):
-                d[f] = a.ctypes.data
-            if graph:
+            d[kernels.D_K], d[kernels.D_V], d[kernels.D_EXACT] = self.K.ctypes.data, self.V.ctypes.data, self.exact.ctypes.data
+            if self.kind == "graph":
                 d[kernels.D_ADJ], d[kernels.D_ENTRIES] = self.adj.ctypes.data, self.entries.ctypes.data
                 d[kernels.D_A], d[kernels.D_R], d[kernels.D_E] = self.A, self.adj.shape[2], self.entries.shape[1]
-            d[kernels.D_CAP], d[kernels.D_ROWS], d[kernels.D_WIDTH] = self.capacity, self.cs.shape[0], self.width
+            d[kernels.D_CAP] = self.capacity
             self._desc = (self.version, d)
         self.pinned = True
         return self._desc[1]
 
-    def request(self, row: int, k: int, n: int, occ: np.ndarray | None) -> np.ndarray:
-        """A request's row of batch_attend's step table: its q/out row, k, n keys (the same in every layer
-        of a request), occ as in `search`."""
+    def part(self, k: int, n: int, occ: np.ndarray | None) -> np.ndarray:
+        """This store's part of a request's row in batch_attend's step table: a search for k of its first n
+        keys (n: the same in every layer of a request), occ as in `search`."""
         occ = self.no_occ if occ is None else occ
-        r = np.empty(kernels.REQUEST_FIELDS, np.int64)
-        r[kernels.R_ROW], r[kernels.R_KIND], r[kernels.R_K], r[kernels.R_N] = row, self.kind == "graph", k, n
-        r[kernels.R_EF], r[kernels.R_EXACT_MAX] = max(self.p.ef, min(k, n)), self.p.exact_max
-        r[kernels.R_OCC], r[kernels.R_OCC_N] = occ.ctypes.data, len(occ)
+        r = np.zeros(kernels.PART_FIELDS, np.int64)
+        r[kernels.P_KIND], r[kernels.P_N] = self.kind == "graph", n
+        r[kernels.P_EF], r[kernels.P_EXACT_MAX] = max(self.p.ef, min(k, n)), self.p.exact_max
+        r[kernels.P_OCC], r[kernels.P_OCC_N] = occ.ctypes.data, len(occ)
         return r
 
 
+NO_PART = np.zeros(kernels.PART_FIELDS, np.int64)  # a request without a cached part (or without keys)
+NO_DESC = np.zeros(kernels.DESCRIBE_FIELDS, np.int64)
+
+
+def request_row(row: int, k: int, parts: list[np.ndarray]) -> np.ndarray:
+    """A request's row of batch_attend's step table: its q/out row, k, and up to PARTS parts (`part`)."""
+    r = np.zeros(kernels.REQUEST_FIELDS, np.int64)
+    r[kernels.R_ROW], r[kernels.R_K] = row, k
+    for i, p in enumerate(parts):
+        r[2 + i * kernels.PART_FIELDS: 2 + (i + 1) * kernels.PART_FIELDS] = p
+    return r
+
+
+class BatchScratch:
+    """batch_attend's search scratch, one row per numba worker thread: stores keep none for it, so a store
+    can be searched by several requests in one call (a cached document's), and a request's memory does not
+    grow with its query heads. One per caller (its calls never overlap); grown to the largest store and
+    the longest candidate list a call needs, never per step."""
+
+    def __init__(self, head_dim: int):
+        import numba
+
+        T = numba.config.NUMBA_NUM_THREADS  # thread ids are below the pool's size
+        self.visited = np.zeros((T, 0), np.int32)
+        self.stamps = np.zeros(T, np.int32)
+        self.cs, self.ci, self.cx = np.empty((T, 0), np.float32), np.empty((T, 0), np.int64), np.empty((T, 0), np.uint8)
+        self.tmp = np.empty((T, head_dim), np.float32)
+        self._fitted = None
+
+    def fit(self, req: np.ndarray):
+        """Room for the step table req's searches (checked once per table: a step's layers share it)."""
+        if req is self._fitted:
+            return
+        T = self.stamps.shape[0]
+        parts = req[:, 2:].reshape(len(req), kernels.PARTS, kernels.PART_FIELDS)
+        n = parts[:, :, kernels.P_N]
+        width = int(max(parts[:, :, kernels.P_EF].max(initial=0), np.minimum(req[:, None, kernels.R_K], n).max(initial=0)))
+        if n.max(initial=0) > self.visited.shape[1]:
+            self.visited = np.zeros((T, int(n.max())), np.int32)
+            self.stamps[:] = 0
+        if width > self.cs.shape[1]:
+            self.cs, self.ci, self.cx = (np.empty((T, width), np.float32), np.empty((T, width), np.int64),
+                                         np.empty((T, width), np.uint8))
+        self._fitted = req
+
+
 def attend_batch(desc: np.ndarray, l: int, req: np.ndarray, n_kv_heads: int, scale: float, q: np.ndarray,
-                 out_o: np.ndarray, out_ms: np.ndarray, dtype=np.float32):
-    """Layer l's lookups for many requests in one native call: desc (B, L, F) from each request's stores'
-    `describe` (stacked per layer), req (B, R) from `request`, q (rows, H, d) -> out_o (rows, H, d) and out_ms
-    (rows, 2, H) at each request's row. The described stores must stay alive through the call, and all of
-    them keep K/V in `dtype` (their .dtype)."""
-    kernels.batch_attend(desc, l, req, n_kv_heads, np.float32(scale), q, out_o, out_ms, _LIKE[dtype])
+                 out_o: np.ndarray, out_ms: np.ndarray, dtype, scratch: BatchScratch):
+    """Layer l's lookups for many requests in one native call: desc (B, PARTS, L, F) from each request's
+    stores' `describe` (stacked per layer; NO_DESC where a request has no such part), req (B, R) from
+    `request_row`, q (rows, H, d) -> out_o (rows, H, d) and out_ms (rows, 2, H) at each request's row, its
+    parts merged. The described stores must stay alive through the call, and all of them keep K/V in
+    `dtype` (their .dtype)."""
+    scratch.fit(req)
+    kernels.batch_attend(desc, l, req, n_kv_heads, np.float32(scale), q, out_o, out_ms, _LIKE[dtype],
+                         scratch.visited, scratch.stamps, scratch.cs, scratch.ci, scratch.cx, scratch.tmp)
 
 
 _LIKE = {dt: np.empty(0, dt) for dt in STORE_DTYPES.values()}

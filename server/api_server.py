@@ -110,6 +110,8 @@ class Generation:
         self.last: dict[int, float] = {}
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.completion_tokens = 0
+        self.n = n
+        self.cached: dict[int, int] = {}  # per prompt: its tokens reused from the document cache (any choice's)
         try:
             for i, (p, j) in enumerate((p, j) for p in prompts for j in range(n)):
                 # choice j of a seeded request gets seed + j: n samples, each reproducible
@@ -130,6 +132,12 @@ class Generation:
         self.closed = False
         self.watchers: list[asyncio.Task] = []
         state.active += 1
+
+    def usage(self, prompt_tokens: int) -> dict:
+        """OpenAI's usage object; prompt_tokens_details.cached_tokens: prompt tokens the document cache held."""
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": sum(self.cached.values())}}
 
     def abort(self):
         for rid in self.ids:
@@ -156,6 +164,8 @@ class Generation:
                     else:
                         m.ttft.observe(now - self.t0)
                     self.last[i] = now
+                if out.num_cached_tokens:
+                    self.cached[i // self.n] = max(self.cached.get(i // self.n, 0), out.num_cached_tokens)
                 if out.finish_reason is not None:
                     self.pending -= 1
                     m.success.labels(finished_reason=out.finish_reason).inc()
@@ -258,10 +268,6 @@ async def _tokenize(fn, *args, param: str):
 
 def _messages(req) -> list[dict]:
     return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-
-
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _token_text(engine: Engine, token: int) -> str:
@@ -434,7 +440,7 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
                     "logprobs": {"content": lps[i]} if lp is not None else None, "finish_reason": reasons[i]}
                    for i in range(req.n)]
         return {**head, "object": "chat.completion", "choices": choices,
-                "usage": _usage(len(ids), gen.completion_tokens)}
+                "usage": gen.usage(len(ids))}
 
     def _stream_chat(gen: Generation, head: dict, req, engine: Engine, prompt_len: int):
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -491,7 +497,7 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
             return gen.aborted_response()
         choices = [{"index": i, "text": texts[i], "logprobs": lps[i] if req.logprobs is not None else None,
                     "finish_reason": reasons[i]} for i in range(total)]
-        return {**head, "choices": choices, "usage": _usage(gen.prompt_tokens, gen.completion_tokens)}
+        return {**head, "choices": choices, "usage": gen.usage(gen.prompt_tokens)}
 
     def _stream_completion(gen: Generation, head: dict, req, engine: Engine):
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -525,7 +531,7 @@ async def _sse(events, gen: Generation, chunk, usage_prompt_tokens: int | None):
         async for c in events:
             yield c
         if usage_prompt_tokens is not None:
-            yield chunk([], _usage(usage_prompt_tokens, gen.completion_tokens))
+            yield chunk([], gen.usage(usage_prompt_tokens))
         yield {"data": "[DONE]"}
     except APIError as e:
         yield {"data": json.dumps(e.body())}

@@ -42,8 +42,12 @@ ENGINE_FLAGS = {
     "prefill_slice": (float, 0.25, "seconds of a new request's prefill between two decode steps of the running "
                                    "requests (their largest gap between tokens while a long prompt is prefilled)"),
     "cpu_kv_budget": (float, None, "GiB of host memory the running requests' offloaded K/V and indexes may take "
-                                   "together (default: what is available at start, less a tenth); a request that "
-                                   "can never fit gets a 400, one that fits later waits in the queue"),
+                                   "together (default: what is available at start, less a tenth, less the "
+                                   "document cache); a request that can never fit gets a 400, one that fits later "
+                                   "waits in the queue"),
+    "doc_cache_gb": (float, None, "GiB of host memory for the document cache: prompts of 1,024 tokens or more stay "
+                                  "prefilled and indexed, and a later prompt that begins with at least half of one "
+                                  "prefills only the rest (default: a quarter of what is available at start; 0: off)"),
     "cuda_graphs": (int, 1, "CUDA: decode steps replay CUDA graphs captured at start (0: eager, every op launched "
                             "from Python)"),
     "stall_timeout": (float, 120.0, "when the engine makes no progress (a layer, a token) for this many seconds, "
@@ -118,7 +122,7 @@ def engine_config(a: dict):
                         cpu_threads=a["cpu_threads"], request_timeout=a["request_timeout"],
                         stall_timeout=a["stall_timeout"], max_num_seqs=a["max_num_seqs"],
                         prefill_slice=a["prefill_slice"], cuda_graphs=bool(a["cuda_graphs"]),
-                        cpu_kv_budget_gb=a["cpu_kv_budget"])
+                        cpu_kv_budget_gb=a["cpu_kv_budget"], doc_cache_gb=a["doc_cache_gb"])
 
 
 def cmd_serve(ns):

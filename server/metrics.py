@@ -38,6 +38,18 @@ class Metrics:
                                       "included, until its first token", registry=r, buckets=LATENCY_BUCKETS)
         self.decode_time = Histogram("rattn:request_decode_time_seconds", "First token to last of a request",
                                      registry=r, buckets=LATENCY_BUCKETS)
+        cache = lambda: engine_state().doc_cache if engine_state() else None  # noqa: E731
+        for name, field, doc in (("hits", "hits", "Requests that reused a cached document prefix"),
+                                 ("misses", "misses", "Requests of 1,024 tokens or more that found no prefix to reuse"),
+                                 ("evictions", "evictions", "Entries evicted to make room"),
+                                 ("cached_tokens", "cached_tokens", "Prompt tokens reused from the cache"),
+                                 ("bytes", "bytes", "Host memory held by the document cache's entries"),
+                                 ("entries", "entries", "Entries in the document cache")):
+            g = Gauge(f"rattn:doc_cache_{name}", doc, registry=r)  # gauges: read from the cache on each scrape
+            g.set_function(lambda f=field: getattr(cache().stats(), f) if cache() else 0)
+        self.doc_cache_budget = Gauge("rattn:doc_cache_budget_bytes", "Host memory the document cache may take "
+                                      "(--doc-cache-gb)", registry=r)
+        self.doc_cache_budget.set_function(lambda: cache().budget if cache() else 0)
         # read live on scrape, so they are never stale
         self.running.set_function(lambda: engine_state().num_running if engine_state() else 0)
         self.waiting.set_function(lambda: engine_state().num_waiting if engine_state() else 0)

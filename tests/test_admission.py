@@ -27,13 +27,13 @@ def allocated(kv: SequenceKV) -> int:
     (400, 40, SMALL),
     (1200, 40, SMALL),  # past the 1024 keys a store starts with
     (10, 1500, SMALL),  # a prompt shorter than the sink: its slots stay empty, more can leave the device
-    (400, 40, SMALL.override(top_k=3000, dtype="bf16")),  # search lists as long as the store
+    (400, 40, SMALL.override(top_k=3000, dtype="bf16")),
 ])
 def test_host_bytes_bound_what_a_request_allocates(engine, long_prompt, prompt, max_tokens, att):
     kv = SequenceKV(engine.shape, att, prompt + max_tokens, engine.device, engine.model.dtype, engine.copy_scores)
     try:
         engine.runner.prefill(long_prompt[:prompt], kv)  # reserves the store for the whole request
-        kv.describe(att.top_k)  # the search lists a decode step sizes
+        kv.describe()
         # room for every key that can leave the device (a store that has been described never grows)
         assert all(st.capacity >= prompt + max_tokens - min(att.sink, prompt) - att.window for st in kv.stores)
         need = host_bytes(engine.shape, att, prompt, prompt + max_tokens)

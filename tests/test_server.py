@@ -196,6 +196,20 @@ def test_metrics_are_exposed(base, client):
     assert metric(base, "rattn:generation_tokens_total") > 0
 
 
+def test_a_second_question_on_a_document_reports_its_cached_tokens(base, client):
+    """The document cache through the API: the second question's prompt reuses the first's document,
+    in usage.prompt_tokens_details.cached_tokens and in the metrics."""
+    doc = " ".join(f"Line {i}: the weather in town number {i} was mild and dry." for i in range(80))
+    sizes = []
+    for q in ("Which town is line 7 about?", "What was the weather like?"):
+        r = chat(client, messages=[{"role": "user", "content": doc + "\n\n" + q}], max_tokens=2, temperature=0)
+        sizes.append((r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens))
+    (p1, c1), (p2, c2) = sizes
+    assert p1 >= 1024 and c1 == 0  # long enough to be cached, and nothing to reuse yet
+    assert p2 // 2 <= c2 < p2  # the document again: most of the prompt, never its last token
+    assert metric(base, "rattn:doc_cache_hits") >= 1 and metric(base, "rattn:doc_cache_bytes") > 0
+
+
 def test_openapi_page(base):
     assert httpx.get(base + "/docs").status_code == 200
     assert "/v1/chat/completions" in httpx.get(base + "/openapi.json").json()["paths"]

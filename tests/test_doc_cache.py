@@ -1,0 +1,124 @@
+"""The document cache: a prompt that begins with a cached document reuses its K/V and index, answers as
+the same prompt uncached, and the cache keeps to its budget without dropping an entry in use."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from engine.attention import AttentionConfig
+from engine.doc_cache import BLOCK, DocCache, DocEntry
+from engine.llm_engine import Engine, EngineConfig
+from engine.sampling import SamplingParams
+from engine.sequence import Request
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+def entry(tokens, nbytes) -> DocEntry:
+    """An entry of `tokens` that takes about nbytes (host tensors only: what the cache counts)."""
+    e = DocEntry(("raw",), np.asarray(tokens, np.int64))
+    e.size(1, 1, max(1, nbytes // 8), torch.float32, 0, 1)
+    return e
+
+
+def made(cache: DocCache, tokens, nbytes) -> DocEntry | None:
+    e = entry(tokens, nbytes)
+    need = e.measure()
+    if not cache.reserve(need):
+        return None
+    assert cache.insert(e, need)
+    return e
+
+
+def test_lookup_finds_the_longest_block_prefix_of_at_least_half_the_prompt():
+    cache = DocCache(10**9)
+    doc = list(range(1000, 3000))
+    e = made(cache, doc + [1, 2, 3], 10_000)
+    cache.release(e)
+    hit, c = cache.lookup(("raw",), doc + [7, 8, 9])  # same document, another question
+    assert hit is e and c == len(doc) // BLOCK * BLOCK and e.refs == 1
+    cache.release(hit)
+    assert cache.lookup(("graph",), doc + [7]) == (None, 0)  # another placement: another key
+    assert cache.lookup(("raw",), doc[:100] + list(range(5000, 8000)))[0] is None  # shares less than half
+    hit, c = cache.lookup(("raw",), doc[:1000])  # the whole prompt cached: its last token is still prefilled
+    assert hit is e and c == 960 and c < 1000
+    cache.release(hit)
+    s = cache.stats()
+    assert (s.hits, s.misses) == (2, 2)
+
+
+def test_budget_is_never_exceeded_and_an_entry_in_use_is_never_evicted():
+    size = entry(range(200), 4_000).measure()
+    cache = DocCache(2 * size + size // 2)  # room for two entries
+    a = made(cache, range(0, 200), 4_000)  # in use by the request that made it
+    b = made(cache, range(500, 700), 4_000)
+    cache.release(b)
+    # room for a third only by evicting the unused one (b), never the one in use (a)
+    c = made(cache, range(900, 1100), 4_000)
+    assert c is not None and b not in cache._entries and cache.stats().evictions == 1
+    assert cache.lookup(("raw",), list(range(500, 700)))[0] is None  # b is gone
+    assert made(cache, range(2000, 2200), 4_000) is None  # a and c in use: no room, nothing evicted
+    assert cache.stats().bytes <= cache.budget and cache.stats().entries == 2
+    cache.release(a)
+    assert made(cache, range(2000, 2200), 4_000) is not None  # now a makes room
+    assert cache.stats().bytes <= cache.budget and cache.stats().evictions == 2
+
+
+@pytest.fixture(scope="module")
+def cached_engine():
+    eng = Engine(EngineConfig(device="cpu", dtype="float32", doc_cache_gb=1.0))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def plain_engine():
+    eng = Engine(EngineConfig(device="cpu", dtype="float32", doc_cache_gb=0))
+    yield eng
+    eng.shutdown()
+
+
+def tokens(outs):
+    return [o.token for o in outs if o.token is not None]
+
+
+@pytest.mark.parametrize("att", [AttentionConfig(mode="flat", top_k=10**6), AttentionConfig(mode="full")],
+                         ids=["flat-all", "full"])
+def test_a_cached_document_answers_as_the_same_prompt_uncached(cached_engine, plain_engine, long_prompt, att):
+    """A new question on a cached document: the document's tokens are not prefilled again, and the greedy
+    tokens are those of the same prompt in an engine without the cache."""
+    doc, q1, q2 = long_prompt[:-40], long_prompt[-40:], long_prompt[-25:]  # two endings of one document
+    first = cached_engine.generate(Request(doc + q1, GREEDY, att))
+    assert first[-1].num_cached_tokens == 0
+    second = cached_engine.generate(Request(doc + q2, GREEDY, att))
+    assert second[-1].num_cached_tokens == len(doc) // BLOCK * BLOCK
+    assert tokens(second) == tokens(plain_engine.generate(Request(doc + q2, GREEDY, att)))
+    assert not any(e.refs for e in cached_engine.doc_cache._entries)  # both requests let go of it
+
+
+def test_retrieval_reuses_the_index_and_aborts_release_their_references(cached_engine, long_prompt):
+    att = AttentionConfig(mode="retrieval")
+    doc = long_prompt[:1400]
+    cached_engine.generate(Request(doc + [42] * 30, GREEDY, att))
+    entry = next(e for e in cached_engine.doc_cache._entries if e.key[0] == "graph")
+    started = threading.Event()
+    outs = []
+
+    def on_output(o):
+        outs.append(o)
+        if o.token is not None:
+            started.set()
+
+    req = Request(doc + [43] * 70, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True), att)
+    seq = cached_engine.submit(req, on_output)
+    assert started.wait(120)
+    kv = cached_engine.kv_of(req.request_id)
+    assert kv.cached is entry and kv.cached_n > 0 and entry.refs == 1  # its keys are searched in the entry
+    cached_engine.abort(req.request_id)
+    for _ in range(600):
+        if outs and outs[-1].finish_reason:
+            break
+        threading.Event().wait(0.1)
+    assert outs[-1].finish_reason == "abort" and seq.kv is None and entry.refs == 0
+    assert outs[-1].num_cached_tokens == 1400 // BLOCK * BLOCK
