@@ -261,3 +261,18 @@ def test_batched_parts_merge_and_a_shared_store_serves_several_requests(data):
         alone = run([row])
         np.testing.assert_array_equal(together[0][i], alone[0][i])
         np.testing.assert_array_equal(together[1][i], alone[1][i])
+
+
+def test_a_graph_that_starts_empty_is_searchable_as_keys_are_inserted(data):
+    """A store with no prefill keys (a short prompt, or a request whose prompt went to the document cache)
+    indexes its evicted keys by insertion alone: its searches find them."""
+    keys, queries = data
+    store = OffloadedStore("graph", 1, 1, 32, capacity=1024)
+    store.reserve(0, extra=1024)
+    for a in range(0, 1024, 64):
+        store.append(keys[None, a:a + 64], keys[None, a:a + 64])
+    q = queries[:20]
+    ids, _ = store.search(q, 10)
+    truth = exact_topk(q, keys[:1024], 10)
+    recall = np.mean([len(set(i) & set(t)) / 10 for i, t in zip(ids, truth)])
+    assert (store.entries[0] >= 0).all() and recall > 0.8
