@@ -87,18 +87,18 @@ class DocEntry:
         """Keys in the stores."""
         return self.stores[0].n if self.stores is not None else 0
 
-    def copy_prefix(self, l: int, c: int, k_out: torch.Tensor, v_out: torch.Tensor):
-        """Layer l's K/V of tokens [0, c) -> k_out/v_out (c, G, d) (on the model's device)."""
+    def copy_prefix(self, l: int, c: int, k_out: torch.Tensor, v_out: torch.Tensor, to_device=None):
+        """Layer l's K/V of tokens [0, c) -> k_out/v_out (c, G, d) (on the model's device). to_device(t):
+        how a large host tensor reaches that device (default: .to)."""
         S, n = min(self.sink, c), self.n
         k_out[:S] = self.sink_k[l, :, :S].transpose(0, 1)
         v_out[:S] = self.sink_v[l, :, :S].transpose(0, 1)
-        m = min(c, self.sink + n) - S  # from the stores, one contiguous block per KV head
+        m = min(c, self.sink + n) - S  # from the stores
         if m > 0:
-            st = self.stores[l]
-            K, V = st.kv_tensors(m)
-            for g in range(K.shape[0]):
-                k_out[S: S + m, g] = K[g].to(k_out.device)
-                v_out[S: S + m, g] = V[g].to(v_out.device)
+            move = to_device or (lambda t: t.to(k_out.device))
+            K, V = self.stores[l].kv_tensors(m)  # (G, m, d)
+            k_out[S: S + m] = move(K).transpose(0, 1)
+            v_out[S: S + m] = move(V).transpose(0, 1)
         t = c - S - max(m, 0)
         if t > 0:
             k_out[c - t: c] = self.tail_k[l, :, :t].transpose(0, 1)
