@@ -88,17 +88,17 @@ class DocEntry:
         return self.stores[0].n if self.stores is not None else 0
 
     def copy_prefix(self, l: int, c: int, k_out: torch.Tensor, v_out: torch.Tensor, to_device=None):
-        """Layer l's K/V of tokens [0, c) -> k_out/v_out (c, G, d) (on the model's device). to_device(t):
-        how a large host tensor reaches that device (default: .to)."""
+        """Layer l's K/V of tokens [0, c) -> k_out/v_out (c, G, d) (on the model's device). to_device(src,
+        out): how the stored keys (G, m, d) reach out (m, G, d) there (default: a plain copy)."""
         S, n = min(self.sink, c), self.n
         k_out[:S] = self.sink_k[l, :, :S].transpose(0, 1)
         v_out[:S] = self.sink_v[l, :, :S].transpose(0, 1)
         m = min(c, self.sink + n) - S  # from the stores
         if m > 0:
-            move = to_device or (lambda t: t.to(k_out.device))
+            move = to_device or (lambda src, out: out.copy_(src.transpose(0, 1)))
             K, V = self.stores[l].kv_tensors(m)  # (G, m, d)
-            k_out[S: S + m] = move(K).transpose(0, 1)
-            v_out[S: S + m] = move(V).transpose(0, 1)
+            move(K, k_out[S: S + m])
+            move(V, v_out[S: S + m])
         t = c - S - max(m, 0)
         if t > 0:
             k_out[c - t: c] = self.tail_k[l, :, :t].transpose(0, 1)
