@@ -63,33 +63,32 @@ def profile_steps(engine: Engine, kv: SequenceKV, tokens: list[int], pos: int, t
 
 
 def lookup_profile(engine: Engine, kv: SequenceKV, token: int, pos: int, top_k: int, reps: int = 20) -> dict:
-    """One more step, whose CPU lookups record their queries; then a few layers' lookups timed alone for
-    several numba thread counts, with the keys each head scans: is a layer's CPU part work or overhead?"""
+    """One more step, whose CPU lookups record their calls; then a few layers' calls replayed alone for
+    several numba thread counts, with the keys each head's own walk would scan: is a layer's CPU part work
+    or overhead?"""
     import numba
-    import numpy as np
 
     from engine import model_runner
     from index.kernels import R_ROW
 
-    queries = {}
+    calls = {}
     real = model_runner.attend_batch
 
-    def spy(desc, l, req, G, scale, q, *a):
-        queries[l] = q[req[0, R_ROW]].copy()
-        return real(desc, l, req, G, scale, q, *a)
+    def spy(desc, l, req, G, scale, q, *a, **kw):
+        calls[l] = (desc, req, G, scale, q.copy(), a, kw)
+        return real(desc, l, req, G, scale, q, *a, **kw)
 
     model_runner.attend_batch = spy
     try:
         engine.runner.decode(token, pos, kv, top_k)
     finally:
         model_runner.attend_batch = real
-    L, H, d = engine.shape.n_layers, engine.shape.n_heads, engine.shape.head_dim
-    o, ms = np.empty((H, d), np.float32), np.empty((2, H), np.float32)
     top = numba.get_num_threads()
-    out = {"numba_threading_layer": numba.threading_layer(), "layers": []}
-    for l in sorted({0, L // 2, L - 1}):
-        store, q = kv.stores[l], queries[l]
-        _, scanned = store.search(q, top_k, kv.cur_occ)
+    out = {"numba_threading_layer": numba.threading_layer(), "group_ef": kv.cfg.index.group_ef, "layers": []}
+    for l in sorted({0, engine.shape.n_layers // 2, engine.shape.n_layers - 1}):
+        desc, req, G, scale, q, a, kw = calls[l]
+        store = kv.stores[l]
+        _, scanned = store.search(q[req[0, R_ROW]], top_k, kv.cur_occ)
         row = {"layer": l, "keys": store.n, "scanned_per_head_mean": round(float(scanned.mean()), 1),
                "scanned_per_head_max": int(scanned.max()), "ms_by_threads": {}}
         for t in sorted({1, 2, 4, 8, top}):
@@ -97,7 +96,7 @@ def lookup_profile(engine: Engine, kv: SequenceKV, token: int, pos: int, top_k: 
             times = []
             for _ in range(reps):
                 t0 = time.perf_counter()
-                store.attend(q, top_k, kv.scale, o, ms[0], ms[1], kv.cur_occ)
+                real(desc, l, req, G, scale, q, *a, **kw)
                 times.append(time.perf_counter() - t0)
             row["ms_by_threads"][t] = round(1e3 * statistics.median(times), 4)
         numba.set_num_threads(top)
@@ -220,7 +219,8 @@ def main(argv=None):
                     r = run_mode(engine, ids, att, a.steps, a.profile_steps, graphs, a.profile_lookups)
                     if retrieval:
                         r["graph"] = {"ef": att.index.ef, "degree": att.index.degree, "knn": att.index.knn,
-                                      "queries_per_head": att.graph_queries(len(ids)), "kv_store_dtype": att.index.dtype}
+                                      "queries_per_head": att.graph_queries(len(ids)), "kv_store_dtype": att.index.dtype,
+                                      "group_ef": att.index.group_ef}
                     print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
                     results.append(r)
     exact = None

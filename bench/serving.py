@@ -1,8 +1,8 @@
 """Serving-core figures: aggregate tokens/s against the number of concurrent requests, the same requests
 one at a time, the largest gap between two tokens of running streams while a long prompt is
 prefilled, and the time to first token of a question on a document, cold and then cached (the document
-cache). The engine runs in-process (no HTTP); every request is distinct (its own prompt), but for the
-document's questions.
+cache). The engine runs in-process (no HTTP); every request is distinct (its own prompt, which no
+other run sends), but for the document's questions.
 
 CPU, embedded model (8 chats of 1K-token prompts, 64 new tokens each):
     python bench/serving.py --context 1000 --max-tokens 64 --concurrency 1,2,4,8 --sequential 8 \
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import itertools
 import json
 import os
 import platform
@@ -245,6 +246,7 @@ def main(argv=None):
     ap.add_argument("--prefill-slice", type=float, default=0.25)
     ap.add_argument("--build-threads", type=int, default=0, help="index builds at once on CUDA (0: one per core)")
     ap.add_argument("--kv-store-dtype", default="float32", help="offloaded K/V in host memory: float32 | bf16")
+    ap.add_argument("--group-ef", type=int, default=None, help="graph walks per KV head with this list (0: per head)")
     ap.add_argument("--out", default="bench/results/serving.json")
     a = ap.parse_args(argv)
 
@@ -255,14 +257,18 @@ def main(argv=None):
     engine = Engine(EngineConfig(model=a.model, load_format=a.load_format, device=a.device,
                                  max_num_seqs=a.max_num_seqs, prefill_slice=a.prefill_slice, max_model_len=max_len,
                                  build_threads=a.build_threads, doc_cache_gb=a.doc_cache_gb))
-    att = AttentionConfig(mode=a.mode).override(dtype=a.kv_store_dtype)
+    att = AttentionConfig(mode=a.mode).override(dtype=a.kv_store_dtype, group_ef=a.group_ef)
     conc = [int(x) for x in a.concurrency.split(",") if x]
-    prompts = [prompt_ids(engine, a.context, seed) for seed in range(1, max(conc + [a.sequential, a.gap_streams]) + 1)]
-    # a distinct warm-up and distinct prompts: none of them reuses another's through the document cache
+    seeds = itertools.count(1)
+
+    def fresh(n: int, tokens: int = a.context) -> list[list[int]]:
+        """Prompts no other run has sent: none reuses another's through the document cache."""
+        return [prompt_ids(engine, tokens, next(seeds)) for _ in range(n)]
+
     # one short request first: compiles, caches and warms what the first measured run would otherwise pay
-    concurrent_run(engine, [prompts[0][:256]], att, 4, "warm")
+    concurrent_run(engine, [fresh(1)[0][:256]], att, 4, "warm")
     report = {"bench": "serving", "model": a.model, "load_format": a.load_format, "dtype": engine.config.dtype,
-              "mode": a.mode, "kv_store_dtype": a.kv_store_dtype, "context": len(prompts[0]),
+              "mode": a.mode, "kv_store_dtype": a.kv_store_dtype, "group_ef": a.group_ef, "context": a.context,
               "max_tokens": a.max_tokens, "max_num_seqs": a.max_num_seqs,
               "prefill_slice": a.prefill_slice, "build_threads": a.build_threads,
               "doc_cache_bytes": engine.doc_cache.budget if engine.doc_cache else 0,
@@ -272,8 +278,7 @@ def main(argv=None):
                       "gpu_mem_cap_gb": a.gpu_mem_gb},
               "concurrent": []}
     for c in conc:
-        r = concurrent_run(engine, prompts[:c], att, a.max_tokens, f"c{c}",
-                           a.steady_steps)
+        r = concurrent_run(engine, fresh(c), att, a.max_tokens, f"c{c}", a.steady_steps)
         print(json.dumps(r), flush=True)
         report["concurrent"].append(r)
     one = next((r for r in report["concurrent"] if r["requests"] == 1), None)
@@ -281,7 +286,7 @@ def main(argv=None):
         report["decode_speedup"] = {r["requests"]: round(r["decode_tokens_per_s"] / one["decode_tokens_per_s"], 2)
                                     for r in report["concurrent"] if r["decode_tokens_per_s"]}
     if a.sequential:
-        s = sequential_run(engine, prompts[: a.sequential], att, a.max_tokens, "seq")
+        s = sequential_run(engine, fresh(a.sequential), att, a.max_tokens, "seq")
         report["sequential"] = s
         same = next((r for r in report["concurrent"] if r["requests"] == a.sequential), None)
         if same:
@@ -289,7 +294,7 @@ def main(argv=None):
         print(json.dumps(s), flush=True)
     if a.gap_context:
         long_ids = prompt_ids(engine, a.gap_context, 99)
-        streams = [p[: min(len(p), 1024)] for p in prompts[: a.gap_streams]]
+        streams = [p[: min(len(p), 1024)] for p in fresh(a.gap_streams)]
         report["gap"] = gap_run(engine, streams, long_ids, att, a.max_tokens)
         print(json.dumps(report["gap"]), flush=True)
     if a.doc_context:

@@ -11,7 +11,9 @@ Entries are immutable and shared: a request searches an entry's stores beside it
 partial results merge by log-sum-exp. They are keyed by a hash chain over blocks of BLOCK tokens
 (a prefix is reused in whole blocks), counted by reference (requests using them) and evicted least
 recently used, never while in use, under a byte budget that is never exceeded: an entry that cannot
-fit is not made. Only the engine thread changes the cache; `stats` may be read from any thread.
+fit is not made. Entries count against the host budget of the running requests too: admission evicts
+unused ones when a request needs their room. Only the engine thread changes the cache; `stats` may be
+read from any thread.
 """
 from __future__ import annotations
 
@@ -93,16 +95,16 @@ class DocEntry:
         S, n = min(self.sink, c), self.n
         k_out[:S] = self.sink_k[l, :, :S].transpose(0, 1)
         v_out[:S] = self.sink_v[l, :, :S].transpose(0, 1)
+        move = to_device or (lambda src, out: out.copy_(src.transpose(0, 1)))
         m = min(c, self.sink + n) - S  # from the stores
         if m > 0:
-            move = to_device or (lambda src, out: out.copy_(src.transpose(0, 1)))
             K, V = self.stores[l].kv_tensors(m)  # (G, m, d)
             move(K, k_out[S: S + m])
             move(V, v_out[S: S + m])
-        t = c - S - max(m, 0)
+        t = c - S - max(m, 0)  # from the tail (every token of a raw entry)
         if t > 0:
-            k_out[c - t: c] = self.tail_k[l, :, :t].transpose(0, 1)
-            v_out[c - t: c] = self.tail_v[l, :, :t].transpose(0, 1)
+            move(self.tail_k[l, :, :t], k_out[c - t: c])
+            move(self.tail_v[l, :, :t], v_out[c - t: c])
 
 
 @dataclass
@@ -135,10 +137,10 @@ class DocCache:
             out.append(h)
         return out
 
-    def lookup(self, key: tuple, ids: list[int]) -> tuple[DocEntry | None, int]:
+    def lookup(self, key: tuple, ids: list[int], least: int = 0) -> tuple[DocEntry | None, int]:
         """The entry with the longest prefix of ids in whole blocks, leaving at least one token to prefill,
-        and that prefix's length; taken (a reference) if the prefix is at least half of ids. (None, 0)
-        otherwise: a miss."""
+        and that prefix's length; taken (a reference) if the prefix is at least half of ids and `least`
+        tokens. (None, 0) otherwise: a miss."""
         N = len(ids)
         hashes = self.chain(key, ids, (N - 1) // BLOCK)
         for i in range(len(hashes) - 1, -1, -1):
@@ -146,7 +148,7 @@ class DocCache:
             if e is None:
                 continue
             c = (i + 1) * BLOCK
-            if 2 * c >= N and np.array_equal(e.tokens[:c], np.asarray(ids[:c])):
+            if 2 * c >= N and c >= least and np.array_equal(e.tokens[:c], np.asarray(ids[:c])):
                 with self._lock:
                     e.refs += 1
                     e.last_used = time.monotonic()
@@ -158,21 +160,34 @@ class DocCache:
             self.s.misses += 1
         return None, 0
 
-    def reserve(self, nbytes: int) -> bool:
-        """Room for an entry of at most nbytes, evicting unused entries, least recently used first; False
-        (nothing evicted) if even that would not make room."""
+    def held(self) -> int:
+        """Bytes the cache holds or has promised (entries being made)."""
+        return self.s.bytes + self.s.reserved
+
+    def reserve(self, nbytes: int, room: int) -> bool:
+        """Room for an entry of at most nbytes within the budget and within `room` bytes for the whole
+        cache (what the running requests leave of the host's), evicting unused entries, least recently
+        used first; False (nothing evicted) if even that would not make room."""
         with self._lock:
-            free = self.budget - self.s.bytes - self.s.reserved
+            limit = min(self.budget, room)
             idle = sorted((e for e in self._entries if e.refs == 0), key=lambda e: e.last_used)
-            if free + sum(e.nbytes for e in idle) < nbytes:
+            if self.held() - sum(e.nbytes for e in idle) + nbytes > limit:
                 return False
             for e in idle:
-                if free >= nbytes:
+                if self.held() + nbytes <= limit:
                     break
                 self._evict(e)
-                free += e.nbytes
             self.s.reserved += nbytes
             return True
+
+    def shrink(self, limit: int):
+        """Evict unused entries, least recently used first, until the cache holds at most `limit` bytes or
+        none is left unused (admission: a request needs the room)."""
+        with self._lock:
+            for e in sorted((e for e in self._entries if e.refs == 0), key=lambda e: e.last_used):
+                if self.held() <= limit:
+                    break
+                self._evict(e)
 
     def unreserve(self, nbytes: int):
         with self._lock:

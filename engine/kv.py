@@ -59,9 +59,13 @@ class Occurrences:
     def nbytes(self) -> int:
         return self.tokens.nbytes + self.by_token.nbytes + self.sorted.nbytes
 
-    def of(self, token: int) -> np.ndarray:
+    def of(self, token: int, below: int | None = None) -> np.ndarray:
+        """The ids of the token's most recent occurrences (among the first `below` ids: a request that sees
+        a prefix of a cached document's keys)."""
         s = self.sorted[: self.n]
         lo, hi = np.searchsorted(s, token, "left"), np.searchsorted(s, token, "right")
+        if below is not None and below < self.n:  # ids ascend within a token
+            hi = lo + np.searchsorted(self.by_token[lo:hi], below)
         return self.by_token[max(lo, hi - self.limit): hi]
 
 
@@ -240,7 +244,7 @@ class SequenceKV:
         self.cached_n = 0  # the entry's keys it sees: those of its own prompt that leave the device
         self.own_from = 0  # the token of its own stores' first key
         # past exact_max keys the exact heads look up the current token's occurrences instead of scanning
-        self.occ = Occurrences(total_len) if exact.any() else None
+        self.occ: Occurrences | None = None  # made by plan_prefill, for the keys its own stores may hold
         self.ring_tok = np.zeros(self.C, np.int64)  # token in each ring slot, for the occurrences
         self.cur_occ: np.ndarray | None = None
         self.cur_cached_occ: np.ndarray | None = None
@@ -297,6 +301,8 @@ class SequenceKV:
             raw = self.stores is None  # no stores: it keeps every token
             self.new_entry.size(L, G, d, self.dtype, 0 if raw else sink, N if raw else win)
         self.own_from = sink + self.cached_n
+        if self._copying_heads:
+            self.occ = Occurrences(max(1, self.total_len - self.own_from))
         self.split = (sink, mid_end - self.own_from, win)
         self.n_offloaded = self.split[1] if self.stores is not None else 0
         self.written = win
@@ -381,7 +387,7 @@ class SequenceKV:
         if self.occ is not None:
             self.cur_occ = self.occ.of(token)
         if self.cached is not None and self.cached.occ is not None:
-            self.cur_cached_occ = self.cached.occ.of(token)
+            self.cur_cached_occ = self.cached.occ.of(token, self.cached_n)
         self.written += 1
         self.bias[slot] = 0.0
         return slot
@@ -469,8 +475,9 @@ class SequenceKV:
 
     def request(self, row: int, top_k: int) -> np.ndarray:
         """This step's row of attend_batch's request table (q/out row `row`): its own keys and the entry's."""
-        own = self.stores[0].part(top_k, self.n_offloaded, self.cur_occ)
-        cached = (self.cached.stores[0].part(top_k, self.cached_n, self.cur_cached_occ) if self.cached is not None
+        p = self.cfg.index  # the request's search settings, in its own store and the entry's
+        own = self.stores[0].part(top_k, self.n_offloaded, self.cur_occ, p)
+        cached = (self.cached.stores[0].part(top_k, self.cached_n, self.cur_cached_occ, p) if self.cached is not None
                   else NO_PART)
         return request_row(row, top_k, [own, cached])
 

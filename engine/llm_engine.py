@@ -66,7 +66,7 @@ class EngineConfig:
     prefill_slice: float = 0.25        # seconds of prefill work at most between two decode steps
     cuda_graphs: bool = True           # CUDA: decode steps replay graphs captured at start (False: eager)
     cpu_kv_budget_gb: float | None = None  # host memory for the running requests' CPU stores (None: available)
-    doc_cache_gb: float | None = None  # document cache (None: a quarter of the host memory available; 0: off)
+    doc_cache_gb: float | None = None  # document cache, within cpu_kv_budget (None: a quarter of it; 0: off)
     build_threads: int = 0             # index builds in parallel on CUDA (0: one per core)
     cpu_threads: int = 0               # numba threads of the retrieval step (0: all cores)
     request_timeout: float = 0.0       # seconds from submit() to the last token (0: none)
@@ -154,8 +154,8 @@ class Engine:
             self._capture_graphs()
         warm_up()  # the CPU kernels compile here, not inside the first request that offloads
         budget, doc = self._host_budgets()
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_queue, budget)
         self.doc_cache = DocCache(doc) if doc else None
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_queue, budget, self.doc_cache)
         self._seqs: dict[str, Sequence] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -184,16 +184,15 @@ class Engine:
         log.info("decode step captured as CUDA graphs for batches of %s in %.1f s", sizes, time.perf_counter() - t)
 
     def _host_budgets(self) -> tuple[int, int]:
-        """(bytes for the running requests' CPU stores, bytes for the document cache): as configured, or
-        what the machine has available shared 3:1 between them."""
+        """(bytes for the running requests' CPU stores and the document cache together, the most the cache
+        may take of them): as configured, else what the machine has available, and a quarter of it."""
         c = self.config
-        avail = default_host_budget() if c.cpu_kv_budget_gb is None or c.doc_cache_gb is None else 0
+        kv = int(c.cpu_kv_budget_gb * 2**30) if c.cpu_kv_budget_gb is not None else default_host_budget()
         if c.doc_cache_gb is not None:
             doc = int(c.doc_cache_gb * 2**30)
         else:
-            doc = 0 if avail >= UNBOUNDED else avail // 4
-        kv = int(c.cpu_kv_budget_gb * 2**30) if c.cpu_kv_budget_gb is not None else max(0, avail - doc)
-        return kv, doc
+            doc = 0 if kv >= UNBOUNDED else kv // 4
+        return kv, min(doc, kv)
 
     @property
     def cpu_kv_budget(self) -> int:
@@ -468,14 +467,12 @@ class Engine:
         key = fingerprint(att) if self.doc_cache is not None and len(ids) >= MIN_TOKENS else None
         if key is None:
             return None, 0
-        hit, c = self.doc_cache.lookup(key, ids)
-        if hit is not None and c >= att.sink:
+        hit, c = self.doc_cache.lookup(key, ids, least=att.sink)
+        if hit is not None:
             seq.doc, seq.cached_tokens = hit, c
             return hit, c
-        if hit is not None:
-            self.doc_cache.release(hit)
         need = entry_bytes(self.shape, att, len(ids), self.model.dtype)
-        if self.doc_cache.reserve(need):
+        if self.doc_cache.reserve(need, self.cpu_kv_budget - self.scheduler.requests_bytes()):
             seq.doc_making = (DocEntry(key, np.asarray(ids, np.int64)), need)
         return None, 0
 

@@ -16,9 +16,10 @@ class QueueFull(RuntimeError):
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_queue: int, host_budget: int):
+    def __init__(self, max_num_seqs: int, max_queue: int, host_budget: int, cache=None):
         self.max_num_seqs, self.max_queue = max_num_seqs, max_queue
         self.host_budget = host_budget  # bytes the running requests' CPU stores may take together
+        self.cache = cache  # the document cache (DocCache): its entries count too, and unused ones make room
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.prefilling: Sequence | None = None
@@ -33,15 +34,22 @@ class Scheduler:
 
     def next_prefill(self) -> Sequence | None:
         """The next waiting request, if none is being prefilled and the running set has room for it: a
-        free place and, beside the running requests' host memory, its own. Until it has, it waits, and
-        so do the requests behind it (first come, first served)."""
+        free place and, beside the running requests' host memory and the document cache's, its own
+        (unused cache entries are evicted for it). Until it has, it waits, and so do the requests behind
+        it (first come, first served)."""
         with self._cv:
             if self.prefilling is None and self.waiting and len(self.running) < self.max_num_seqs:
-                used = sum(s.host_bytes for s in self.running)
-                if used + self.waiting[0].host_bytes <= self.host_budget:
+                used = self.requests_bytes() + self.waiting[0].host_bytes
+                if self.cache is not None and used + self.cache.held() > self.host_budget:
+                    self.cache.shrink(self.host_budget - used)
+                if used + (self.cache.held() if self.cache is not None else 0) <= self.host_budget:
                     self.prefilling = self.waiting.popleft()
                     return self.prefilling
         return None
+
+    def requests_bytes(self) -> int:
+        """Host memory the running requests (and the one being prefilled) may take."""
+        return sum(s.host_bytes for s in self.running) + (self.prefilling.host_bytes if self.prefilling else 0)
 
     def prefilled(self, seq: Sequence):
         with self._cv:

@@ -163,6 +163,19 @@ def _insert_sorted(cs, ci, cx, size, cap, score, key):
     return (size + 1 if size < cap else size), pos
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _entry(entries, e, usable, n):
+    """The e-th key a walk over the first n keys starts from: the graph's entry points, then, where fewer
+    than half of them are among those n keys (a request that sees a prefix of a cached document's store),
+    evenly spaced keys of [0, n). -2: no more."""
+    E = entries.shape[0]
+    if e < E:
+        return entries[e]
+    if 2 * usable >= E:
+        return -2
+    return ((e - E) * n) // E
+
+
 @njit(nogil=True, fastmath=True, cache=True)
 def _beam_one(qv, Kg, n, adj, entries, ef, visited, stamp, cs, ci, cx):
     """Best-first beam search (a sorted candidate list of size ef) over one graph.
@@ -171,10 +184,15 @@ def _beam_one(qv, Kg, n, adj, entries, ef, visited, stamp, cs, ci, cx):
     """
     size = 0
     scanned = 0
-    for e in range(entries.shape[0]):
-        u = entries[e]
+    E = entries.shape[0]
+    usable = 0
+    for e in range(2 * E):
+        u = _entry(entries, e, usable, n)
+        if u == -2:
+            break
         if u < 0 or u >= n or visited[u] == stamp:
             continue
+        usable += e < E
         visited[u] = stamp
         scanned += 1
         size, _ = _insert_sorted(cs, ci, cx, size, ef, _dot(qv, Kg[u]), u)
@@ -387,6 +405,164 @@ def batch_attend(desc, l, req, G, scale, q, out_o, out_ms, kv_like, visited, sta
             m2, s2 = _attend_one(qv, Kg, Vg, ci[th], min(kk, got), scale, tmp[th])
             m, s = _merge_into(o, m, s, tmp[th], m2, s2)
         out_ms[r, 0, h], out_ms[r, 1, h] = m, s
+
+
+@njit(nogil=True, fastmath=True, cache=True, inline="always")
+def _score_group(qs, inv, kv, u, k, skip, hs, hid, sizes):
+    """Key u (vector kv) scored by every query of the group: into each head's top-k heap, and -> the best
+    of their scores, each divided by its query's norm (the walk's order)."""
+    g = NEG_INF
+    for j in range(qs.shape[0]):
+        if skip[j]:
+            continue
+        s = _dot(qs[j], kv)
+        sizes[j] = _heap_push_topk(hs[j], hid[j], sizes[j], k, s, u)
+        if s * inv[j] > g:
+            g = s * inv[j]
+    return g
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _group_walk(qs, inv, Kg, n, adj, entries, ef, k, skip, visited, stamp, cs, ci, cx, hs, hid, sizes):
+    """One best-first beam search over a KV head's graph for all the query heads of its group (qs (P, d),
+    inv their inverse norms; heads with skip[j] take no part): each key it reaches is read once and scored
+    for every head. Each head keeps its own top-k of the scored keys in hs/hid[j] (best first, sizes[j]
+    of them). Returns the keys scored."""
+    for j in range(qs.shape[0]):
+        sizes[j] = 0
+    size = 0
+    scanned = 0
+    E = entries.shape[0]
+    usable = 0
+    for e in range(2 * E):
+        u = _entry(entries, e, usable, n)
+        if u == -2:
+            break
+        if u < 0 or u >= n or visited[u] == stamp:
+            continue
+        usable += e < E
+        visited[u] = stamp
+        scanned += 1
+        size, _ = _insert_sorted(cs, ci, cx, size, ef, _score_group(qs, inv, Kg[u], u, k, skip, hs, hid, sizes), u)
+    pos = 0  # invariant: every candidate before pos is expanded
+    while pos < size:
+        if cx[pos]:
+            pos += 1
+            continue
+        cx[pos] = 1
+        u = ci[pos]
+        nxt = pos + 1
+        for r in range(adj.shape[1]):
+            v = adj[u, r]
+            if v < 0 or v >= n or visited[v] == stamp:
+                continue
+            visited[v] = stamp
+            scanned += 1
+            g = _score_group(qs, inv, Kg[v], v, k, skip, hs, hid, sizes)
+            if size < ef or g > cs[size - 1]:
+                size, at = _insert_sorted(cs, ci, cx, size, ef, g, v)
+                nxt = min(nxt, at)
+        pos = nxt
+    for j in range(qs.shape[0]):
+        if not skip[j]:
+            _sort_desc(hs[j], hid[j], sizes[j])
+    return scanned
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def group_search(q, K, n, k, adj, entries, exact, exact_max, occ, ef, visited, stamps, cs, ci, cx, hs, hid, sizes, inv,
+                 skip, out_ids, out_sc, out_scanned):
+    """graph_search with one walk per KV head for all its query heads (as batch_attend_groups); scratch
+    row g per KV head. out_scanned: the keys the group's walk read, shared out among its heads, plus a
+    copying head's own."""
+    H, G = q.shape[0], K.shape[0]
+    P = H // G
+    for g in prange(G):
+        for j in range(P):
+            inv[g, j] = np.float32(1.0) / max(np.sqrt(_dot(q[g * P + j], q[g * P + j])), np.float32(1e-30))
+            skip[g, j] = exact[g * P + j]
+        read = _group_walk(q[g * P:(g + 1) * P], inv[g], K[g], n, adj[g], entries[g], ef, k, skip[g], visited[g],
+                           _bump(visited[g], stamps, g), cs[g], ci[g], cx[g], hs[g], hid[g], sizes[g])
+        for j in range(P):
+            h = g * P + j
+            own = 0
+            if skip[g, j]:
+                got, own = _graph_or_exact(q[h], K[g], n, k, adj[g], entries[g], 1, exact_max, occ, ef, visited[g],
+                                           _bump(visited[g], stamps, g), cs[g], ci[g], cx[g])
+                src_s, src_i = cs[g], ci[g]
+            else:
+                got, src_s, src_i = sizes[g, j], hs[g, j], hid[g, j]
+            kk = min(k, got)
+            for i in range(kk):
+                out_ids[h, i] = src_i[i]
+                out_sc[h, i] = src_s[i]
+            for i in range(kk, k):
+                out_ids[h, i] = -1
+            out_scanned[h] = read // P + own
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def batch_attend_groups(desc, l, req, G, scale, q, out_o, out_ms, kv_like, visited, stamps, cs, ci, cx, tmp, hs,
+                        hid, sizes, inv, skip):
+    """batch_attend with one graph walk per (request, KV head) instead of one per query head: the query
+    heads of a KV head share the walk over its graph (graphs per KV head only), so a key is read once for
+    all of them (the walk is bound by memory latency, not arithmetic). Copying heads (exact) and flat
+    parts search per head as in batch_attend. Extra per-thread scratch: hs/hid (T, P, >= list), sizes
+    (T, P), inv (T, P), skip (T, P) with P = H // G."""
+    B, H, d = req.shape[0], q.shape[1], q.shape[2]
+    P = H // G
+    for t in prange(B * G):
+        b = t // G
+        g = t - b * G
+        th = get_thread_id()
+        r, k = req[b, R_ROW], req[b, R_K]
+        qs = q[r, g * P:(g + 1) * P]
+        for j in range(P):
+            h = g * P + j
+            for i in range(d):
+                out_o[r, h, i] = 0.0
+            out_ms[r, 0, h], out_ms[r, 1, h] = NEG_INF, np.float32(0.0)
+            inv[th, j] = np.float32(1.0) / max(np.sqrt(_dot(qs[j], qs[j])), np.float32(1e-30))
+        for p in range(PARTS):
+            f = 2 + p * PART_FIELDS
+            n = req[b, f + P_N]
+            if n == 0:
+                continue
+            kk = min(k, n)
+            e = desc[b, p, l]
+            cap = e[D_CAP]
+            Kg = carray(_ptr_like(e[D_K], kv_like), (G, cap, d))[g]
+            Vg = carray(_ptr_like(e[D_V], kv_like), (G, cap, d))[g]
+            walk = req[b, f + P_KIND] == 1 and kk < n
+            exact = carray(_u8p(e[D_EXACT]), (H,))
+            adj = carray(_i32p(e[D_ADJ]), (G, cap, e[D_R]))[g]  # empty for a flat store (never read)
+            entries = carray(_i32p(e[D_ENTRIES]), (G, e[D_E]))[g]
+            if walk:
+                alone = 0
+                for j in range(P):
+                    skip[th, j] = exact[g * P + j]
+                    alone += skip[th, j]
+                if alone < P:
+                    _group_walk(qs, inv[th], Kg, n, adj, entries, req[b, f + P_EF], kk, skip[th], visited[th],
+                                _bump(visited[th], stamps, th), cs[th], ci[th], cx[th], hs[th], hid[th], sizes[th])
+            for j in range(P):
+                h = g * P + j
+                qv = qs[j]
+                if not walk:
+                    got = _flat_one(qv, Kg, n, kk, cs[th], ci[th])
+                    ids = ci[th]
+                elif exact[h]:
+                    occ = carray(_i64p(req[b, f + P_OCC]), (req[b, f + P_OCC_N],))
+                    got, _ = _graph_or_exact(qv, Kg, n, kk, adj, entries, 1, req[b, f + P_EXACT_MAX], occ,
+                                             req[b, f + P_EF], visited[th], _bump(visited[th], stamps, th), cs[th],
+                                             ci[th], cx[th])
+                    ids = ci[th]
+                else:
+                    got = sizes[th, j]
+                    ids = hid[th, j]
+                m2, s2 = _attend_one(qv, Kg, Vg, ids, min(kk, got), scale, tmp[th])
+                out_ms[r, 0, h], out_ms[r, 1, h] = _merge_into(out_o[r, h], out_ms[r, 0, h], out_ms[r, 1, h], tmp[th],
+                                                               m2, s2)
 
 
 # ---------------------------------------------------------------------------------------------

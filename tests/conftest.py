@@ -8,8 +8,9 @@ torch.manual_seed(0)
 
 @pytest.fixture(scope="session")
 def engine():
-    """The embedded model on CPU in float32, shared by the engine tests."""
-    eng = Engine(EngineConfig(device="cpu", dtype="float32"))
+    """The embedded model on CPU in float32, shared by the engine tests; without the document cache, so
+    that a test's prompt never reuses another's (tests/test_doc_cache.py tests the cache)."""
+    eng = Engine(EngineConfig(device="cpu", dtype="float32", doc_cache_gb=0))
     yield eng
     eng.shutdown()
 

@@ -25,7 +25,7 @@ def entry(tokens, nbytes) -> DocEntry:
 def made(cache: DocCache, tokens, nbytes) -> DocEntry | None:
     e = entry(tokens, nbytes)
     need = e.measure()
-    if not cache.reserve(need):
+    if not cache.reserve(need, room=10**18):
         return None
     assert cache.insert(e, need)
     return e
@@ -122,3 +122,73 @@ def test_retrieval_reuses_the_index_and_aborts_release_their_references(cached_e
         threading.Event().wait(0.1)
     assert outs[-1].finish_reason == "abort" and seq.kv is None and entry.refs == 0
     assert outs[-1].num_cached_tokens == 1400 // BLOCK * BLOCK
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["walk-per-head", "walk-per-kv-head"])
+def test_a_view_of_a_prefix_of_a_graph_finds_keys_where_its_entry_points_lie_beyond(grouped):
+    """A request that sees only the first keys of a cached document's store: the graph's entry points may
+    all lie past them; the walk then starts from keys it can see and still finds the best ones."""
+    from index import NO_DESC, BatchScratch, IndexParams, OffloadedStore, attend_batch, exact_topk, request_row
+
+    rng = np.random.default_rng(0)
+    G, H, d, n, k = 1, 2, 16, 4000, 8
+    K = rng.standard_normal((G, n, d), dtype=np.float32)
+    q = rng.standard_normal((1, H, d), dtype=np.float32)
+    store = OffloadedStore("graph", G, H, d, IndexParams(group_ef=128 if grouped else 0), capacity=n)
+    store.load(K, K, exact_topk(rng.standard_normal((64, d), dtype=np.float32), K[0], 16)[None])
+    store.entries[:] = np.arange(3000, 3000 + store.entries.shape[1])  # every entry point beyond the view
+    visible = 1000
+    o, ms = np.zeros((1, H, d), np.float32), np.zeros((1, 2, H), np.float32)
+    attend_batch(np.stack([NO_DESC, store.describe()])[None, :, None], 0,
+                 request_row(0, k, [np.zeros(6, np.int64), store.part(k, visible, None)])[None], G, 1.0, q, o, ms,
+                 np.float32, BatchScratch(d, H // G), grouped)
+    scores = K[0, :visible] @ q[0].T  # (visible, H)
+    assert (ms[0, 1] > 0).all()  # keys found (none: m = -inf, s = 0)
+    assert (ms[0, 0] >= np.percentile(scores, 98, axis=0)).all()  # and good ones (m: the best it attended)
+
+
+def test_occurrences_of_a_visible_prefix():
+    from engine.kv import Occurrences
+
+    occ = Occurrences(100, limit=3)
+    occ.extend(np.array([5, 7, 5, 5, 9, 5, 5]))  # 5 at ids 0, 2, 3, 5, 6
+    assert occ.of(5).tolist() == [3, 5, 6]  # the most recent 3
+    assert occ.of(5, below=4).tolist() == [0, 2, 3]  # the most recent 3 a view of ids < 4 can use
+
+
+def test_an_entry_being_made_is_given_up_with_its_request(cached_engine, long_prompt):
+    """A request aborted in its prefill leaves no entry and no bytes reserved."""
+    att = AttentionConfig(mode="retrieval", top_k=50)  # a key of its own: nothing to reuse
+    before = cached_engine.doc_cache.stats()
+    outs = []
+    req = Request(long_prompt[:1300], GREEDY, att)
+    cached_engine.submit(req, outs.append)
+    for _ in range(600):  # abort once its prefill has begun
+        if cached_engine.prefill_done > 0:
+            break
+        threading.Event().wait(0.01)
+    cached_engine.abort(req.request_id)
+    for _ in range(600):
+        if outs and outs[-1].finish_reason:
+            break
+        threading.Event().wait(0.1)
+    after = cached_engine.doc_cache.stats()
+    assert outs[-1].finish_reason == "abort" and outs[-1].token is None
+    assert after.reserved == 0 and after.entries == before.entries
+
+
+def test_unused_entries_make_room_for_a_request(cached_engine, long_prompt, monkeypatch):
+    """The cache's entries count against the requests' host budget; an unused one is evicted when a new
+    request needs its room."""
+    from engine.kv import host_bytes
+
+    att = AttentionConfig(mode="flat", top_k=64)
+    cached_engine.generate(Request(long_prompt[:1200] + [11] * 40, GREEDY, att))
+    cache = cached_engine.doc_cache
+    assert cache.stats().entries >= 1 and all(e.refs == 0 for e in cache._entries)
+    other = [7] * 10 + long_prompt[200:1200]  # nothing to reuse
+    need = host_bytes(cached_engine.shape, att, len(other), len(other) + GREEDY.max_tokens)
+    monkeypatch.setattr(cached_engine.scheduler, "host_budget", need + cache.held() // 2)
+    evicted = cache.stats().evictions
+    out = cached_engine.generate(Request(other, GREEDY, att))
+    assert out[-1].finish_reason == "length" and cache.stats().evictions > evicted

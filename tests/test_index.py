@@ -276,3 +276,42 @@ def test_a_graph_that_starts_empty_is_searchable_as_keys_are_inserted(data):
     truth = exact_topk(q, keys[:1024], 10)
     recall = np.mean([len(set(i) & set(t)) / 10 for i, t in zip(ids, truth)])
     assert (store.entries[0] >= 0).all() and recall > 0.8
+
+
+def test_one_walk_per_kv_head_serves_its_query_heads(data):
+    """group_ef: the query heads of a KV head share one walk of its graph. Batched and direct searches
+    agree; the keys found hold most of the exact top-k's attention mass; flat parts, k covering every key
+    and copying heads (exact) answer exactly as with one walk per head."""
+    keys, queries = data
+    G, H, d, k = 2, 4, 32, 10
+    n = 1500
+    K = np.stack([keys[:n], keys[n:2 * n]])  # (G, n, d)
+    knn = np.stack([exact_topk(queries[:200], K[g], 32) for g in range(G)])
+    store = OffloadedStore("graph", G, H, d, IndexParams(group_ef=64), capacity=n,
+                           exact_heads=np.array([0, 0, 0, 1], np.uint8))
+    store.load(K, K, knn)
+    q = queries[300:300 + 3 * H].reshape(3, H, d)
+    scratch = BatchScratch(d, H // G)
+
+    def batched(kk, grouped, rows=3):
+        desc = np.stack([np.stack([store.describe(), NO_DESC])] * rows)[:, :, None]
+        req = np.stack([request_row(r, kk, [store.part(kk, n, None)]) for r in range(rows)])
+        o, ms = np.zeros((rows, H, d), np.float32), np.zeros((rows, 2, H), np.float32)
+        attend_batch(desc, 0, req, G, 0.1, q[:rows], o, ms, np.float32, scratch, grouped)
+        return o, ms
+
+    for kk in (n, 5000):  # every key: exact whatever the walk
+        np.testing.assert_allclose(batched(kk, True)[0], batched(kk, False)[0], rtol=1e-5, atol=1e-6)
+    o, ms = batched(k, True)
+    for r in range(3):
+        ids, _ = store.search(q[r], k)  # the same walk, one request
+        for h in range(H):
+            g = h // (H // G)
+            z = K[g] @ q[r, h] * 0.1
+            w = np.exp(z[ids[h]] - z[ids[h]].max())
+            np.testing.assert_allclose(o[r, h], w @ K[g][ids[h]] / w.sum(), rtol=1e-4, atol=1e-5)
+            p = np.exp(z - z.max())
+            p /= p.sum()
+            assert p[ids[h]].sum() >= 0.9 * np.sort(p)[-k:].sum()
+        flat_ids = np.argsort(-(K[1] @ q[r, 3]))[:k]  # the copying head scans its keys exactly
+        assert set(ids[3]) == set(flat_ids)
