@@ -84,7 +84,7 @@ def lookup_profile(engine: Engine, kv: SequenceKV, token: int, pos: int, top_k: 
     finally:
         model_runner.attend_batch = real
     top = numba.get_num_threads()
-    out = {"numba_threading_layer": numba.threading_layer(), "group_ef": kv.cfg.index.group_ef, "layers": []}
+    out = {"numba_threading_layer": numba.threading_layer(), "layers": []}
     for l in sorted({0, engine.shape.n_layers // 2, engine.shape.n_layers - 1}):
         desc, req, G, scale, q, a, kw = calls[l]
         store = kv.stores[l]
@@ -219,8 +219,7 @@ def main(argv=None):
                     r = run_mode(engine, ids, att, a.steps, a.profile_steps, graphs, a.profile_lookups)
                     if retrieval:
                         r["graph"] = {"ef": att.index.ef, "degree": att.index.degree, "knn": att.index.knn,
-                                      "queries_per_head": att.graph_queries(len(ids)), "kv_store_dtype": att.index.dtype,
-                                      "group_ef": att.index.group_ef}
+                                      "queries_per_head": att.graph_queries(len(ids)), "kv_store_dtype": att.index.dtype}
                     print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
                     results.append(r)
     exact = None

@@ -2,8 +2,7 @@
 
 For each kind (flat, hnsw, graph per KV head, graph per query head) over a sweep of search budgets:
 recall@k, attention-mass recall (share of the exact softmax mass over the offloaded keys that the
-retrieved set captures), % of keys scanned (graph-group: the keys its one walk per KV head reads, shared
-out among the KV head's query heads), microseconds per search on one core, build seconds, and
+retrieved set captures), % of keys scanned, microseconds per search on one core, build seconds, and
 index bytes. Decode-like queries are the queries of the last `--test-queries` prompt positions; they
 are excluded from the build, whose queries are sampled from the rest as the engine does.
 
@@ -11,9 +10,6 @@ are excluded from the build, whose queries are sampled from the rest as the engi
     python bench/index_recall.py --tokens 8192 --pool 9 --layers 0,6,12,18,24,29 --test-queries 16 \
         --budgets 100,200,300,400 --kinds flat,hnsw,graph-kv --out bench/results/index_recall_64k.json \
         --png bench/results/index_recall_64k.png                                         # 68K pooled keys
-    python bench/index_recall.py --tokens 8832 --budgets 128,256,384,512 --test-queries 16 \
-        --kinds graph-kv,graph-group --out bench/results/index_recall_group.json \
-        --png bench/results/index_recall_group.png                     # one walk per KV head vs per query head
 """
 from __future__ import annotations
 
@@ -110,8 +106,6 @@ def evaluate(Qt, Qb, K_off, kinds, budgets, k, knn_L, scale):
             rows[(name, "bytes")] += store.index_nbytes()
             for ef in budgets:
                 store.p.ef = ef
-                if name == "graph-group":
-                    store.p.group_ef = ef
                 r = rows[(name, ef)]
                 store.search(qt[0], k)  # warm
                 t = time.perf_counter()  # the searches alone: scoring them below is not search time
@@ -217,8 +211,7 @@ def main(argv=None):
     K_off = np.concatenate(parts, axis=1)
     del parts
     table = {"flat": ("flat", "flat", "kv"), "hnsw": ("hnsw", "hnsw", "kv"),
-             "graph-kv": ("graph-kv", "graph", "kv"), "graph-query": ("graph-query", "graph", "query"),
-             "graph-group": ("graph-group", "graph", "kv")}  # graph-kv walked once per KV head (group_ef = budget)
+             "graph-kv": ("graph-kv", "graph", "kv"), "graph-query": ("graph-query", "graph", "query")}
     kinds = [table[x] for x in a.kinds.split(",")]
     budgets = [int(x) for x in a.budgets.split(",")]
     results = evaluate(Qt, Qb, K_off, kinds, budgets, a.k, a.knn, engine.shape.head_dim ** -0.5)

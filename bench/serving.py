@@ -246,7 +246,6 @@ def main(argv=None):
     ap.add_argument("--prefill-slice", type=float, default=0.25)
     ap.add_argument("--build-threads", type=int, default=0, help="index builds at once on CUDA (0: one per core)")
     ap.add_argument("--kv-store-dtype", default="float32", help="offloaded K/V in host memory: float32 | bf16")
-    ap.add_argument("--group-ef", type=int, default=None, help="graph walks per KV head with this list (0: per head)")
     ap.add_argument("--out", default="bench/results/serving.json")
     a = ap.parse_args(argv)
 
@@ -257,7 +256,7 @@ def main(argv=None):
     engine = Engine(EngineConfig(model=a.model, load_format=a.load_format, device=a.device,
                                  max_num_seqs=a.max_num_seqs, prefill_slice=a.prefill_slice, max_model_len=max_len,
                                  build_threads=a.build_threads, doc_cache_gb=a.doc_cache_gb))
-    att = AttentionConfig(mode=a.mode).override(dtype=a.kv_store_dtype, group_ef=a.group_ef)
+    att = AttentionConfig(mode=a.mode).override(dtype=a.kv_store_dtype)
     conc = [int(x) for x in a.concurrency.split(",") if x]
     seeds = itertools.count(1)
 
@@ -268,7 +267,7 @@ def main(argv=None):
     # one short request first: compiles, caches and warms what the first measured run would otherwise pay
     concurrent_run(engine, [fresh(1)[0][:256]], att, 4, "warm")
     report = {"bench": "serving", "model": a.model, "load_format": a.load_format, "dtype": engine.config.dtype,
-              "mode": a.mode, "kv_store_dtype": a.kv_store_dtype, "group_ef": a.group_ef, "context": a.context,
+              "mode": a.mode, "kv_store_dtype": a.kv_store_dtype, "context": a.context,
               "max_tokens": a.max_tokens, "max_num_seqs": a.max_num_seqs,
               "prefill_slice": a.prefill_slice, "build_threads": a.build_threads,
               "doc_cache_bytes": engine.doc_cache.budget if engine.doc_cache else 0,

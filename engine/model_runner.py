@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from index import BatchScratch, attend_batch, groups
+from index import BatchScratch, attend_batch
 
 from .attention import merge_partial_attention, partial_attention
 from .kv import SequenceKV, StaticPool
@@ -73,7 +73,7 @@ class ModelRunner:
         self._graph_io: dict[int, _RowIO] = {}  # per fixed pool: what its graphs read and write
         self._graphs: dict[int, dict] = {}  # per fixed pool: {rows: {has CPU part: [(point, layer, graph)]}}
         self.use_graphs = True  # False: every step eager (graphs stay captured)
-        self.scratch = BatchScratch(model.shape.head_dim, model.shape.n_heads // model.shape.n_kv_heads)  # the batched lookups' search lists, per CPU thread
+        self.scratch = BatchScratch(model.shape.head_dim)  # the batched lookups' search lists, per CPU thread
         self._to_device = _HostToDevice(self.device)  # a cached document's K/V, on their way to a prefill
         self._wait_s = 0.0
 
@@ -449,20 +449,20 @@ class _StepLookups:
             buf.o_np[:n_rows], buf.ms_np[:n_rows, 0], buf.ms_np[:n_rows, 1] = 0.0, -np.inf, 0.0
         kvs, rows, top_ks = [kvs[b] for b in cpu], [rows[b] for b in cpu], [top_ks[b] for b in cpu]
         self.alone = [(kv, r, k) for kv, r, k in zip(kvs, rows, top_ks) if not kv.batchable]
-        by_call: dict = {}  # one call per store dtype and walk (one, unless requests chose different ones)
+        by_dtype: dict = {}  # one call per store dtype (one, unless requests chose different ones)
         for kv, r, k in zip(kvs, rows, top_ks):
             if kv.batchable:
-                by_call.setdefault((kv.stores[0].dtype, groups(kv.cfg.index)), []).append((kv, r, k))
-        self.calls = [(dt, grouped, [kv for kv, _, _ in g], np.stack([kv.describe() for kv, _, _ in g]),
-                       np.stack([kv.request(r, k) for kv, r, k in g])) for (dt, grouped), g in by_call.items()]
+                by_dtype.setdefault(kv.stores[0].dtype, []).append((kv, r, k))
+        self.calls = [(dt, [kv for kv, _, _ in g], np.stack([kv.describe() for kv, _, _ in g]),
+                       np.stack([kv.request(r, k) for kv, r, k in g])) for dt, g in by_dtype.items()]
 
     def __call__(self, l: int):
         buf = self.buf
-        for dtype, grouped, kvs, desc, req in self.calls:
+        for dtype, kvs, desc, req in self.calls:
             for kv in kvs:
                 kv.wait_insert(l)
             t = time.perf_counter()
-            attend_batch(desc, l, req, self.G, self.scale, buf.q_np, buf.o_np, buf.ms_np, dtype, self.scratch, grouped)
+            attend_batch(desc, l, req, self.G, self.scale, buf.q_np, buf.o_np, buf.ms_np, dtype, self.scratch)
             t = time.perf_counter() - t
             for kv in kvs:
                 kv.add_retrieval_seconds(t)

@@ -11,10 +11,10 @@ import numpy as np
 
 from .knn import exact_topk, graph_knn
 from .store import (KINDS, MIN_CAPACITY, NO_DESC, NO_PART, STORE_DTYPES, BatchScratch, IndexParams, OffloadedStore,
-                    attend_batch, groups, request_row)
+                    attend_batch, request_row)
 
 __all__ = ["KINDS", "MIN_CAPACITY", "NO_DESC", "NO_PART", "BatchScratch", "IndexParams", "OffloadedStore", "attend_batch",
-           "groups", "request_row", "Index", "build_index", "exact_topk", "graph_knn", "warm_up"]
+           "request_row", "Index", "build_index", "exact_topk", "graph_knn", "warm_up"]
 
 
 def warm_up():
@@ -37,8 +37,7 @@ def warm_up():
             ms = np.empty((1, 2, H), np.float32)
             desc = np.stack([store.describe(), store.describe()])[None, :, None]
             req = request_row(0, k, [store.part(k, n, None), store.part(k, n // 2, None)])[None]
-            for grouped in (False, True):
-                attend_batch(desc, 0, req, G, 1.0, q[None], o[None], ms, store.dtype, BatchScratch(d, H // G), grouped)
+            attend_batch(desc, 0, req, G, 1.0, q[None], o[None], ms, store.dtype, BatchScratch(d))
         store.append(keys[:, :4], keys[:, :4])
 
 

@@ -34,14 +34,12 @@ class IndexParams:
     hnsw_ef_construction: int = 100
     threads: int = 0          # build threads for hnswlib (0: all)
     dtype: str = "float32"    # K and V in the store: float32 | bf16 (half the bytes a scanned key reads)
-    group_ef: int = 0         # graph per KV head, batched lookups: the query heads of a KV head walk its graph
-                              # together with a candidate list this long (0: one walk per query head with ef)
 
     def __post_init__(self):
         if self.dtype not in STORE_DTYPES:
             raise ValueError(f"index params: dtype must be one of {', '.join(STORE_DTYPES)}")
-        if self.ef < 1 or self.degree < 3 or self.entries < 1 or self.knn < 2 or self.exact_max < 0 or self.group_ef < 0:
-            raise ValueError("index params: ef >= 1, degree >= 3, entries >= 1, knn >= 2, exact_max >= 0, group_ef >= 0")
+        if self.ef < 1 or self.degree < 3 or self.entries < 1 or self.knn < 2 or self.exact_max < 0:
+            raise ValueError("index params: ef >= 1, degree >= 3, entries >= 1, knn >= 2, exact_max >= 0")
         if self.per_head not in ("kv", "query"):
             raise ValueError("index params: per_head must be 'kv' or 'query'")
 
@@ -215,15 +213,6 @@ class OffloadedStore:
         sc = np.empty((H, k), np.float32)
         if self.kind == "flat":
             kernels.flat_search(q, self.K, self.n, kk, ids, sc, scanned)
-        elif self.kind == "graph" and H == self.H and groups(self.p):
-            # one walk per KV head for its query heads, as batched lookups with these params do
-            P, w = H // self.G, max(self.p.group_ef, kk)
-            self._ensure_width(H, w)
-            hs, hid = np.empty((self.G, P, w), np.float32), np.empty((self.G, P, w), np.int64)
-            sizes, inv, skip = np.zeros((self.G, P), np.int64), np.zeros((self.G, P), np.float32), np.zeros((self.G, P), np.uint8)
-            kernels.group_search(q, self.K, self.n, kk, self.adj, self.entries, self.exact, self.p.exact_max,
-                                 self.no_occ if occ is None else occ, w, self.visited, self.stamps, self.cs, self.ci,
-                                 self.cx, hs, hid, sizes, inv, skip, ids, sc, scanned)
         elif self.kind == "graph":
             # rows are heads when H matches; Index's single-head store takes a batch of queries instead
             exact = self.exact if H == self.H else np.zeros(H, np.uint8)
@@ -294,15 +283,9 @@ class OffloadedStore:
         occ = self.no_occ if occ is None else occ
         r = np.zeros(kernels.PART_FIELDS, np.int64)
         r[kernels.P_KIND], r[kernels.P_N] = self.kind == "graph", n
-        ef = p.group_ef if groups(p) else p.ef
-        r[kernels.P_EF], r[kernels.P_EXACT_MAX] = max(ef, min(k, n)), p.exact_max
+        r[kernels.P_EF], r[kernels.P_EXACT_MAX] = max(p.ef, min(k, n)), p.exact_max
         r[kernels.P_OCC], r[kernels.P_OCC_N] = occ.ctypes.data, len(occ)
         return r
-
-
-def groups(p: IndexParams) -> bool:
-    """Whether batched lookups with these params walk one graph per KV head for all its query heads."""
-    return p.group_ef > 0 and p.per_head == "kv"
 
 
 NO_PART = np.zeros(kernels.PART_FIELDS, np.int64)  # a request without a cached part (or without keys)
@@ -322,18 +305,15 @@ class BatchScratch:
     """batch_attend's search scratch, one row per numba worker thread: stores keep none for it, so a store
     can be searched by several requests in one call (a cached document's), and a request's memory does not
     grow with its query heads. One per caller (its calls never overlap); grown to the largest store and
-    the longest candidate list a call needs, never per step. group: query heads per KV head."""
+    the longest candidate list a call needs, never per step."""
 
-    def __init__(self, head_dim: int, group: int = 1):
+    def __init__(self, head_dim: int):
         import numba
 
         T = numba.config.NUMBA_NUM_THREADS  # thread ids are below the pool's size
         self.visited = np.zeros((T, 0), np.int32)
         self.stamps = np.zeros(T, np.int32)
         self.cs, self.ci, self.cx = np.empty((T, 0), np.float32), np.empty((T, 0), np.int64), np.empty((T, 0), np.uint8)
-        self.hs, self.hid = np.empty((T, group, 0), np.float32), np.empty((T, group, 0), np.int64)
-        self.sizes, self.inv = np.zeros((T, group), np.int64), np.zeros((T, group), np.float32)
-        self.skip = np.zeros((T, group), np.uint8)
         self.tmp = np.empty((T, head_dim), np.float32)
         self._fitted = None
 
@@ -341,7 +321,7 @@ class BatchScratch:
         """Room for the step table req's searches (checked once per table: a step's layers share it)."""
         if req is self._fitted:
             return
-        T, P = self.sizes.shape
+        T = self.stamps.shape[0]
         parts = req[:, 2:].reshape(len(req), kernels.PARTS, kernels.PART_FIELDS)
         n = parts[:, :, kernels.P_N]
         width = int(max(parts[:, :, kernels.P_EF].max(initial=0), np.minimum(req[:, None, kernels.R_K], n).max(initial=0)))
@@ -351,26 +331,20 @@ class BatchScratch:
         if width > self.cs.shape[1]:
             self.cs, self.ci, self.cx = (np.empty((T, width), np.float32), np.empty((T, width), np.int64),
                                          np.empty((T, width), np.uint8))
-            self.hs, self.hid = np.empty((T, P, width), np.float32), np.empty((T, P, width), np.int64)
         self._fitted = req
 
 
 def attend_batch(desc: np.ndarray, l: int, req: np.ndarray, n_kv_heads: int, scale: float, q: np.ndarray,
-                 out_o: np.ndarray, out_ms: np.ndarray, dtype, scratch: BatchScratch, grouped: bool = False):
+                 out_o: np.ndarray, out_ms: np.ndarray, dtype, scratch: BatchScratch):
     """Layer l's lookups for many requests in one native call: desc (B, PARTS, L, F) from each request's
     stores' `describe` (stacked per layer; NO_DESC where a request has no such part), req (B, R) from
     `request_row`, q (rows, H, d) -> out_o (rows, H, d) and out_ms (rows, 2, H) at each request's row, its
     parts merged. The described stores must stay alive through the call, and all of them keep K/V in
-    `dtype` (their .dtype). grouped: one graph walk per KV head for its query heads (`groups`; graphs per
-    KV head only)."""
+    `dtype` (their .dtype)."""
     scratch.fit(req)
     s = scratch
-    if grouped:
-        kernels.batch_attend_groups(desc, l, req, n_kv_heads, np.float32(scale), q, out_o, out_ms, _LIKE[dtype],
-                                    s.visited, s.stamps, s.cs, s.ci, s.cx, s.tmp, s.hs, s.hid, s.sizes, s.inv, s.skip)
-    else:
-        kernels.batch_attend(desc, l, req, n_kv_heads, np.float32(scale), q, out_o, out_ms, _LIKE[dtype],
-                             s.visited, s.stamps, s.cs, s.ci, s.cx, s.tmp)
+    kernels.batch_attend(desc, l, req, n_kv_heads, np.float32(scale), q, out_o, out_ms, _LIKE[dtype],
+                         s.visited, s.stamps, s.cs, s.ci, s.cx, s.tmp)
 
 
 _LIKE = {dt: np.empty(0, dt) for dt in STORE_DTYPES.values()}

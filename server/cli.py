@@ -31,9 +31,6 @@ ENGINE_FLAGS = {
     "graph_query_stride": (int, 32, "graph index: one prefill query per head shapes it for every this many "
                                     "prompt tokens"),
     "graph_queries": (int, 2048, "graph index: at most this many prefill queries per head"),
-    "graph_group_ef": (int, 0, "graph index: the query heads of a KV head walk its graph together, with a "
-                               "candidate list this long, each keeping its own top keys (0: one walk per query "
-                               "head, with --ef)"),
     "copy_threshold": (float, 0.1, "retrieval: heads whose copy score reaches this scan their offloaded keys "
                                    "exactly (above 1: none)"),
     "max_model_len": (int, None, "context limit (default: the model's)"),
@@ -119,8 +116,7 @@ def engine_config(a: dict):
     att = AttentionConfig(mode=a["attention"], top_k=a["retrieve_k"], sink=a["sink"], window=a["window"],
                           max_queries=a["graph_queries"], query_stride=a["graph_query_stride"],
                           copy_threshold=a["copy_threshold"])
-    att = att.override(ef=a["ef"], degree=a["graph_degree"], knn=a["graph_knn"], dtype=a["kv_store_dtype"],
-                       group_ef=a["graph_group_ef"])
+    att = att.override(ef=a["ef"], degree=a["graph_degree"], knn=a["graph_knn"], dtype=a["kv_store_dtype"])
     return EngineConfig(model=a["model"], load_format=a["load_format"], device=a["device"], dtype=a["dtype"],
                         attention=att, max_model_len=a["max_model_len"], max_queue=a.get("max_queue", 64),
                         cpu_threads=a["cpu_threads"], request_timeout=a["request_timeout"],

@@ -124,8 +124,7 @@ def test_retrieval_reuses_the_index_and_aborts_release_their_references(cached_e
     assert outs[-1].num_cached_tokens == 1400 // BLOCK * BLOCK
 
 
-@pytest.mark.parametrize("grouped", [False, True], ids=["walk-per-head", "walk-per-kv-head"])
-def test_a_view_of_a_prefix_of_a_graph_finds_keys_where_its_entry_points_lie_beyond(grouped):
+def test_a_view_of_a_prefix_of_a_graph_finds_keys_where_its_entry_points_lie_beyond():
     """A request that sees only the first keys of a cached document's store: the graph's entry points may
     all lie past them; the walk then starts from keys it can see and still finds the best ones."""
     from index import NO_DESC, BatchScratch, IndexParams, OffloadedStore, attend_batch, exact_topk, request_row
@@ -134,14 +133,14 @@ def test_a_view_of_a_prefix_of_a_graph_finds_keys_where_its_entry_points_lie_bey
     G, H, d, n, k = 1, 2, 16, 4000, 8
     K = rng.standard_normal((G, n, d), dtype=np.float32)
     q = rng.standard_normal((1, H, d), dtype=np.float32)
-    store = OffloadedStore("graph", G, H, d, IndexParams(group_ef=128 if grouped else 0), capacity=n)
+    store = OffloadedStore("graph", G, H, d, IndexParams(), capacity=n)
     store.load(K, K, exact_topk(rng.standard_normal((64, d), dtype=np.float32), K[0], 16)[None])
     store.entries[:] = np.arange(3000, 3000 + store.entries.shape[1])  # every entry point beyond the view
     visible = 1000
     o, ms = np.zeros((1, H, d), np.float32), np.zeros((1, 2, H), np.float32)
     attend_batch(np.stack([NO_DESC, store.describe()])[None, :, None], 0,
                  request_row(0, k, [np.zeros(6, np.int64), store.part(k, visible, None)])[None], G, 1.0, q, o, ms,
-                 np.float32, BatchScratch(d, H // G), grouped)
+                 np.float32, BatchScratch(d))
     scores = K[0, :visible] @ q[0].T  # (visible, H)
     assert (ms[0, 1] > 0).all()  # keys found (none: m = -inf, s = 0)
     assert (ms[0, 0] >= np.percentile(scores, 98, axis=0)).all()  # and good ones (m: the best it attended)
