@@ -70,7 +70,7 @@ def build_positions(n_tokens: int, n_test: int, m: int) -> np.ndarray:
     return np.unique(np.linspace(0, n_tokens - n_test - 1, m).astype(np.int64))
 
 
-def evaluate(Qt, Qb, K_off, kinds, budgets, k, knn_L, scale):
+def evaluate(Qt, Qb, K_off, kinds, budgets, k, knn_L, scale, dtype="float32"):
     """Qt (L, T, H, d): decode-like test queries; Qb (L, m, H, d): the build's prefill queries; K_off
     (L, n, G, d): the offloaded keys searched (one input's, or several inputs' pooled)."""
     L, T, H, d = Qt.shape
@@ -95,7 +95,7 @@ def evaluate(Qt, Qb, K_off, kinds, budgets, k, knn_L, scale):
         exact_mass = np.take_along_axis(p, exact, -1).sum(-1)  # (T, H): the best any k keys can capture
         qb = torch.from_numpy(Qb[l])  # (m, H, d)
         for name, kind, per_head in kinds:
-            params = IndexParams(per_head=per_head, knn=knn_L)
+            params = IndexParams(per_head=per_head, knn=knn_L, dtype=dtype)
             t = time.perf_counter()
             knn = None
             if kind == "graph":
@@ -188,6 +188,7 @@ def main(argv=None):
                          "long prompt): larger stores from a short-context model")
     ap.add_argument("--layers", default="", help="comma-separated layer subset (default: all)")
     ap.add_argument("--kinds", default="flat,hnsw,graph-kv,graph-query")
+    ap.add_argument("--dtype", default="float32", help="keys in the stores: float32 | bf16 (hnswlib: float32)")
     ap.add_argument("--out", default="bench/results/index_recall.json")
     ap.add_argument("--png", default="bench/results/index_recall.png")
     a = ap.parse_args(argv)
@@ -214,11 +215,11 @@ def main(argv=None):
              "graph-kv": ("graph-kv", "graph", "kv"), "graph-query": ("graph-query", "graph", "query")}
     kinds = [table[x] for x in a.kinds.split(",")]
     budgets = [int(x) for x in a.budgets.split(",")]
-    results = evaluate(Qt, Qb, K_off, kinds, budgets, a.k, a.knn, engine.shape.head_dim ** -0.5)
+    results = evaluate(Qt, Qb, K_off, kinds, budgets, a.k, a.knn, engine.shape.head_dim ** -0.5, a.dtype)
     report = {"bench": "index_recall", "model": "smollm2-135m-instruct", "tokens": a.tokens,
               "pooled_inputs": a.pool, "offloaded_keys": int(K_off.shape[1]), "layers": layers,
               "heads": int(Qt.shape[2]), "prefill_s_2cores": round(prefill_s, 2), "k": a.k,
-              "build_queries_per_head": int(Qb.shape[1]), "knn": a.knn,
+              "build_queries_per_head": int(Qb.shape[1]), "knn": a.knn, "kv_store_dtype": a.dtype,
               "command": "python bench/index_recall.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "results": results}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
