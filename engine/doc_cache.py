@@ -137,10 +137,10 @@ class DocCache:
             out.append(h)
         return out
 
-    def lookup(self, key: tuple, ids: list[int], least: int = 0) -> tuple[DocEntry | None, int]:
+    def lookup(self, key: tuple, ids: list[int], least: int = 0, take: bool = True) -> tuple[DocEntry | None, int]:
         """The entry with the longest prefix of ids in whole blocks, leaving at least one token to prefill,
-        and that prefix's length; taken (a reference) if the prefix is at least half of ids and `least`
-        tokens. (None, 0) otherwise: a miss."""
+        and that prefix's length; taken (a reference, and counted) if the prefix is at least half of ids
+        and `least` tokens. (None, 0) otherwise: a miss. take=False: only look."""
         N = len(ids)
         hashes = self.chain(key, ids, (N - 1) // BLOCK)
         for i in range(len(hashes) - 1, -1, -1):
@@ -149,6 +149,8 @@ class DocCache:
                 continue
             c = (i + 1) * BLOCK
             if 2 * c >= N and c >= least and np.array_equal(e.tokens[:c], np.asarray(ids[:c])):
+                if not take:
+                    return e, c
                 with self._lock:
                     e.refs += 1
                     e.last_used = time.monotonic()
@@ -156,8 +158,9 @@ class DocCache:
                     self.s.cached_tokens += c
                 return e, c
             break
-        with self._lock:
-            self.s.misses += 1
+        if take:
+            with self._lock:
+                self.s.misses += 1
         return None, 0
 
     def held(self) -> int:
@@ -180,14 +183,19 @@ class DocCache:
             self.s.reserved += nbytes
             return True
 
-    def shrink(self, limit: int):
-        """Evict unused entries, least recently used first, until the cache holds at most `limit` bytes or
-        none is left unused (admission: a request needs the room)."""
+    def shrink(self, limit: int, keep: DocEntry | None = None) -> bool:
+        """Evict unused entries but `keep` (the one the request that needs the room would reuse), least
+        recently used first, until the cache holds at most `limit` bytes; nothing if that is not enough.
+        -> whether it holds at most `limit` bytes."""
         with self._lock:
-            for e in sorted((e for e in self._entries if e.refs == 0), key=lambda e: e.last_used):
+            idle = sorted((e for e in self._entries if e.refs == 0 and e is not keep), key=lambda e: e.last_used)
+            if self.held() - sum(e.nbytes for e in idle) > limit:
+                return False
+            for e in idle:
                 if self.held() <= limit:
                     break
                 self._evict(e)
+            return True
 
     def unreserve(self, nbytes: int):
         with self._lock:
@@ -196,12 +204,12 @@ class DocCache:
     def insert(self, entry: DocEntry, reserved: int) -> bool:
         """Add a finished entry, made within `reserved` bytes, taken once by the request that made it.
         False (the entry stays the request's alone) if it took more than was reserved for it."""
+        self.unreserve(reserved)  # first: whatever happens next, the reservation is given back once
         nbytes = entry.measure()
+        if nbytes > reserved:
+            return False
+        entry.hashes = self.chain(entry.key, entry.tokens, len(entry.tokens) // BLOCK)
         with self._lock:
-            self.s.reserved -= reserved
-            if nbytes > reserved:
-                return False
-            entry.hashes = self.chain(entry.key, entry.tokens, len(entry.tokens) // BLOCK)
             self.s.bytes += nbytes
             self.s.entries += 1
             entry.refs += 1

@@ -155,7 +155,8 @@ class Engine:
         warm_up()  # the CPU kernels compile here, not inside the first request that offloads
         budget, doc = self._host_budgets()
         self.doc_cache = DocCache(doc) if doc else None
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_queue, budget, self.doc_cache)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_queue, budget, self.doc_cache,
+                                   lambda seq: self._find_document(seq, take=False)[0])
         self._seqs: dict[str, Sequence] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -459,15 +460,17 @@ class Engine:
         except Exception as e:
             self._fail(seq, e)
 
-    def _find_document(self, seq: Sequence) -> tuple[DocEntry | None, int]:
+    def _find_document(self, seq: Sequence, take: bool = True) -> tuple[DocEntry | None, int]:
         """The document-cache entry whose prefix the prompt reuses and that prefix's length (a reference
         the request holds), or (None, 0): then, if the prompt is long enough and fits the cache, the
-        request makes an entry of it."""
+        request makes an entry of it. take=False: only which entry it would reuse."""
         ids, att = seq.request.prompt_ids, seq.attention
         key = fingerprint(att) if self.doc_cache is not None and len(ids) >= MIN_TOKENS else None
         if key is None:
             return None, 0
-        hit, c = self.doc_cache.lookup(key, ids, least=att.sink)
+        hit, c = self.doc_cache.lookup(key, ids, least=att.sink, take=take)
+        if not take:
+            return hit, c
         if hit is not None:
             seq.doc, seq.cached_tokens = hit, c
             return hit, c
@@ -481,9 +484,11 @@ class Engine:
         cache (made or found) are the cache's to count, no longer its own (admission)."""
         if seq.doc_making is not None:
             entry, reserved = seq.doc_making
-            seq.doc_making = None
+            seq.doc_making = None  # insert gives the reservation back, made or not (or raising)
             if self.doc_cache.insert(entry, reserved):
                 seq.doc = entry
+            else:  # larger than reserved: the request keeps it alone, and counts it
+                seq.host_bytes += entry.nbytes
         if seq.doc is not None and seq.kv.cached_n:
             n = seq.num_prompt - seq.kv.cached_n
             seq.host_bytes = host_bytes(self.shape, seq.attention, n, n + seq.request.sampling.max_tokens)

@@ -16,10 +16,11 @@ class QueueFull(RuntimeError):
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_queue: int, host_budget: int, cache=None):
+    def __init__(self, max_num_seqs: int, max_queue: int, host_budget: int, cache=None, reuses=None):
         self.max_num_seqs, self.max_queue = max_num_seqs, max_queue
         self.host_budget = host_budget  # bytes the running requests' CPU stores may take together
         self.cache = cache  # the document cache (DocCache): its entries count too, and unused ones make room
+        self.reuses = reuses  # reuses(seq): the cache entry seq would reuse (kept when making room for it)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.prefilling: Sequence | None = None
@@ -39,9 +40,10 @@ class Scheduler:
         it (first come, first served)."""
         with self._cv:
             if self.prefilling is None and self.waiting and len(self.running) < self.max_num_seqs:
-                used = self.requests_bytes() + self.waiting[0].host_bytes
+                head = self.waiting[0]
+                used = self.requests_bytes() + head.host_bytes
                 if self.cache is not None and used + self.cache.held() > self.host_budget:
-                    self.cache.shrink(self.host_budget - used)
+                    self.cache.shrink(self.host_budget - used, self.reuses(head) if self.reuses else None)
                 if used + (self.cache.held() if self.cache is not None else 0) <= self.host_budget:
                     self.prefilling = self.waiting.popleft()
                     return self.prefilling

@@ -41,13 +41,14 @@ ENGINE_FLAGS = {
     "max_num_seqs": (int, 8, "requests that run at once and share each decode step (more wait in the queue)"),
     "prefill_slice": (float, 0.25, "seconds of a new request's prefill between two decode steps of the running "
                                    "requests (their largest gap between tokens while a long prompt is prefilled)"),
-    "cpu_kv_budget": (float, None, "GiB of host memory the running requests' offloaded K/V and indexes may take "
-                                   "together (default: what is available at start, less a tenth, less the "
-                                   "document cache); a request that can never fit gets a 400, one that fits later "
-                                   "waits in the queue"),
-    "doc_cache_gb": (float, None, "GiB of host memory for the document cache: prompts of 1,024 tokens or more stay "
-                                  "prefilled and indexed, and a later prompt that begins with at least half of one "
-                                  "prefills only the rest (default: a quarter of what is available at start; 0: off)"),
+    "cpu_kv_budget": (float, None, "GiB of host memory the running requests' offloaded K/V and indexes and the "
+                                   "document cache may take together (default: what is available at start, less a "
+                                   "tenth); a request that can never fit gets a 400, one that fits later waits in "
+                                   "the queue (unused cache entries are evicted for it)"),
+    "doc_cache_gb": (float, None, "GiB of --cpu-kv-budget the document cache may take: prompts of 1,024 tokens or "
+                                  "more stay prefilled and indexed, and a later prompt that begins with at least "
+                                  "half of one prefills only the rest (default: a quarter of --cpu-kv-budget; 0: "
+                                  "off)"),
     "cuda_graphs": (int, 1, "CUDA: decode steps replay CUDA graphs captured at start (0: eager, every op launched "
                             "from Python)"),
     "stall_timeout": (float, 120.0, "when the engine makes no progress (a layer, a token) for this many seconds, "

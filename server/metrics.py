@@ -28,8 +28,8 @@ class Metrics:
         self.retrieval = Histogram("rattn:retrieval_seconds", "One layer's CPU lookups + partial attention",
                                    registry=r, buckets=FINE_BUCKETS)
         self.cpu_kv = Gauge("rattn:cpu_kv_bytes", "Bytes of offloaded K/V and indexes in CPU memory", registry=r)
-        self.cpu_kv_budget = Gauge("rattn:cpu_kv_budget_bytes", "Host memory the running requests' CPU stores may "
-                                   "take together (--cpu-kv-budget)", registry=r)
+        self.cpu_kv_budget = Gauge("rattn:cpu_kv_budget_bytes", "Host memory the running requests' CPU stores and "
+                                   "the document cache may take together (--cpu-kv-budget)", registry=r)
         self.prefill_progress = Gauge("rattn:prefill_progress", "Share of the running prefill's layers done "
                                       "(0 when none runs)", registry=r)
         self.queue_time = Histogram("rattn:request_queue_time_seconds", "Time a request waited for the engine",
