@@ -172,14 +172,8 @@ class DocCache:
         cache (what the running requests leave of the host's), evicting unused entries, least recently
         used first; False (nothing evicted) if even that would not make room."""
         with self._lock:
-            limit = min(self.budget, room)
-            idle = sorted((e for e in self._entries if e.refs == 0), key=lambda e: e.last_used)
-            if self.held() - sum(e.nbytes for e in idle) + nbytes > limit:
+            if not self._shrink(min(self.budget, room) - nbytes):
                 return False
-            for e in idle:
-                if self.held() + nbytes <= limit:
-                    break
-                self._evict(e)
             self.s.reserved += nbytes
             return True
 
@@ -188,14 +182,17 @@ class DocCache:
         recently used first, until the cache holds at most `limit` bytes; nothing if that is not enough.
         -> whether it holds at most `limit` bytes."""
         with self._lock:
-            idle = sorted((e for e in self._entries if e.refs == 0 and e is not keep), key=lambda e: e.last_used)
-            if self.held() - sum(e.nbytes for e in idle) > limit:
-                return False
-            for e in idle:
-                if self.held() <= limit:
-                    break
-                self._evict(e)
-            return True
+            return self._shrink(limit, keep)
+
+    def _shrink(self, limit: int, keep: DocEntry | None = None) -> bool:
+        idle = sorted((e for e in self._entries if e.refs == 0 and e is not keep), key=lambda e: e.last_used)
+        if self.held() - sum(e.nbytes for e in idle) > limit:
+            return False
+        for e in idle:
+            if self.held() <= limit:
+                break
+            self._evict(e)
+        return True
 
     def unreserve(self, nbytes: int):
         with self._lock:

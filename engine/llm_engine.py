@@ -16,7 +16,6 @@ says so, every waiting request fails with an error, and new ones are refused.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -197,7 +196,7 @@ class Engine:
 
     @property
     def cpu_kv_budget(self) -> int:
-        """Bytes of host memory the running requests' CPU stores may take together."""
+        """Bytes of host memory the running requests' CPU stores and the document cache may take together."""
         return self.scheduler.host_budget
 
     def tokens_that_fit(self, prompt_len: int, attention: AttentionConfig | None = None) -> int:

@@ -18,7 +18,7 @@ class QueueFull(RuntimeError):
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_queue: int, host_budget: int, cache=None, reuses=None):
         self.max_num_seqs, self.max_queue = max_num_seqs, max_queue
-        self.host_budget = host_budget  # bytes the running requests' CPU stores may take together
+        self.host_budget = host_budget  # bytes the running requests' CPU stores and the cache may take together
         self.cache = cache  # the document cache (DocCache): its entries count too, and unused ones make room
         self.reuses = reuses  # reuses(seq): the cache entry seq would reuse (kept when making room for it)
         self.waiting: deque[Sequence] = deque()
