@@ -137,12 +137,19 @@ class DocCache:
             out.append(h)
         return out
 
-    def lookup(self, key: tuple, ids: list[int], least: int = 0, take: bool = True) -> tuple[DocEntry | None, int]:
+    @classmethod
+    def prompt_chain(cls, key: tuple, ids: list[int]) -> list[bytes]:
+        """What `lookup` looks for: the prompt's blocks but its last token's."""
+        return cls.chain(key, ids, (len(ids) - 1) // BLOCK)
+
+    def lookup(self, key: tuple, ids: list[int], least: int = 0, take: bool = True,
+               hashes: list[bytes] | None = None) -> tuple[DocEntry | None, int]:
         """The entry with the longest prefix of ids in whole blocks, leaving at least one token to prefill,
         and that prefix's length; taken (a reference, and counted) if the prefix is at least half of ids
-        and `least` tokens. (None, 0) otherwise: a miss. take=False: only look."""
+        and `least` tokens. (None, 0) otherwise: a miss. take=False: only look. hashes: prompt_chain's,
+        if already made."""
         N = len(ids)
-        hashes = self.chain(key, ids, (N - 1) // BLOCK)
+        hashes = hashes if hashes is not None else self.prompt_chain(key, ids)
         for i in range(len(hashes) - 1, -1, -1):
             e = self._by_hash.get(hashes[i])
             if e is None:

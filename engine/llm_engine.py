@@ -105,10 +105,12 @@ def default_host_budget() -> int:
             avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         pass
-    try:  # cgroup v2: a container's limit, less what it already uses
+    try:  # cgroup v2: a container's limit, less what it uses but its reclaimable page cache (as docker counts)
         limit = open("/sys/fs/cgroup/memory.max").read().strip()
         if limit != "max":
-            left = int(limit) - int(open("/sys/fs/cgroup/memory.current").read())
+            with open("/sys/fs/cgroup/memory.stat") as f:
+                cache = next((int(line.split()[1]) for line in f if line.startswith("inactive_file ")), 0)
+            left = int(limit) - int(open("/sys/fs/cgroup/memory.current").read()) + cache
             avail = left if avail is None else min(avail, left)
     except (OSError, ValueError):
         pass
@@ -467,7 +469,9 @@ class Engine:
         key = fingerprint(att) if self.doc_cache is not None and len(ids) >= MIN_TOKENS else None
         if key is None:
             return None, 0
-        hit, c = self.doc_cache.lookup(key, ids, least=att.sink, take=take)
+        if seq.doc_hashes is None:  # once: a request that waits for memory is looked up at every step
+            seq.doc_hashes = DocCache.prompt_chain(key, ids)
+        hit, c = self.doc_cache.lookup(key, ids, least=att.sink, take=take, hashes=seq.doc_hashes)
         if not take:
             return hit, c
         if hit is not None:

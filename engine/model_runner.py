@@ -262,8 +262,8 @@ class ModelRunner:
 
     def _eager_io(self, size: int) -> "_RowIO":
         """The eager steps' buffers (one set for both paths, grown as needed: steps never overlap)."""
-        if self._io is None or self._io.size < size:
-            self._io = _RowIO(size, self.model.shape, self.device)
+        if self._io is None or self._io.size < size:  # by doubling: a batch that grows by one reallocates rarely
+            self._io = _RowIO(max(size, 2 * self._io.size if self._io else 0), self.model.shape, self.device)
         return self._io
 
     def capture_graphs(self, pool: StaticPool, sizes: list[int]):

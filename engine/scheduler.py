@@ -43,7 +43,10 @@ class Scheduler:
                 head = self.waiting[0]
                 used = self.requests_bytes() + head.host_bytes
                 if self.cache is not None and used + self.cache.held() > self.host_budget:
-                    self.cache.shrink(self.host_budget - used, self.reuses(head) if self.reuses else None)
+                    limit = self.host_budget - used
+                    keep = self.reuses(head) if self.reuses else None
+                    if not self.cache.shrink(limit, keep) and keep is not None:
+                        self.cache.shrink(limit)  # it does not fit beside its own entry: it will miss instead
                 if used + (self.cache.held() if self.cache is not None else 0) <= self.host_budget:
                     self.prefilling = self.waiting.popleft()
                     return self.prefilling

@@ -56,6 +56,7 @@ class Sequence:
     doc: DocEntry | None = None  # the document-cache entry it uses (a reference it holds until it ends)
     doc_making: tuple[DocEntry, int] | None = None  # the entry its prefill makes, and the bytes reserved for it
     cached_tokens: int = 0  # prompt tokens it reuses from the document cache
+    doc_hashes: list[bytes] | None = None  # its prompt's block hashes (DocCache.prompt_chain), made once
     # set by the engine thread once the request leaves the queue
     kv: SequenceKV | None = None
     prefill: Generator[int, None, Any] | None = None  # the prefill in progress (ModelRunner.prefill_steps)

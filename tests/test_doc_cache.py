@@ -80,12 +80,28 @@ def tokens(outs):
                          ids=["flat-all", "full"])
 def test_a_cached_document_answers_as_the_same_prompt_uncached(cached_engine, engine, long_prompt, att):
     """A new question on a cached document: the document's tokens are not prefilled again, and the greedy
-    tokens are those of the same prompt in an engine without the cache (the session's)."""
-    doc, q1, q2 = long_prompt[:1100], long_prompt[-40:], long_prompt[-25:]  # two endings of one document
+    tokens are those of the same prompt in an engine without the cache (the session's). The second question
+    is longer than the window, so the request's own store holds keys too (some copied from the entry's
+    window, the rest prefilled), searched beside the entry's."""
+    doc, q1, q2 = long_prompt[:1100], long_prompt[-40:], long_prompt[200:800]  # two endings of one document
     first = cached_engine.generate(Request(doc + q1, GREEDY, att))
     assert first[-1].num_cached_tokens == 0
-    second = cached_engine.generate(Request(doc + q2, GREEDY, att))
+    parts = []
+
+    def on_output(o):
+        kv = cached_engine.kv_of(o.request_id)
+        if kv is not None and not parts:
+            parts.append((kv.cached_n, kv.n_offloaded))
+        outs.append(o)
+
+    outs = []
+    done = threading.Event()
+    cached_engine.submit(Request(doc + q2, GREEDY, att), lambda o: (on_output(o), o.finish_reason and done.set()))
+    assert done.wait(300)
+    second = outs
     assert second[-1].num_cached_tokens == len(doc) // BLOCK * BLOCK
+    if att.mode == "flat":
+        assert parts[0][0] > 0 and parts[0][1] > 0  # keys in both parts
     assert engine.doc_cache is None
     assert tokens(second) == tokens(engine.generate(Request(doc + q2, GREEDY, att)))
     assert not any(e.refs for e in cached_engine.doc_cache._entries)  # both requests let go of it
@@ -187,3 +203,22 @@ def test_unused_entries_make_room_for_a_request(cached_engine, long_prompt, monk
     evicted = cache.stats().evictions
     out = cached_engine.generate(Request(other, GREEDY, att))
     assert out[-1].finish_reason == "length" and cache.stats().evictions > evicted
+
+
+def test_a_request_that_fits_only_without_its_own_entry_evicts_it_and_misses(cached_engine, long_prompt, monkeypatch):
+    """Admission keeps the entry the waiting request would reuse, unless the request cannot fit beside it:
+    then the entry goes and the request prefills in full (it never waits forever)."""
+    from engine.kv import host_bytes
+
+    att = AttentionConfig(mode="flat", top_k=32)  # a key of its own
+    doc = [9] * 64 + long_prompt[:1000]
+    cached_engine.generate(Request(doc + [12] * 30, GREEDY, att))
+    cache = cached_engine.doc_cache
+    ids = doc + [13] * 30
+    need = host_bytes(cached_engine.shape, att, len(ids), len(ids) + GREEDY.max_tokens)
+    monkeypatch.setattr(cached_engine.scheduler, "host_budget", need + cache.held() // 4)
+    evicted, outs, done = cache.stats().evictions, [], threading.Event()
+    cached_engine.submit(Request(ids, GREEDY, att), lambda o: (outs.append(o), o.finish_reason and done.set()))
+    assert done.wait(120), "the request waited for room that only its own entry held"
+    assert outs[-1].finish_reason == "length" and outs[-1].num_cached_tokens == 0
+    assert cache.stats().evictions > evicted
