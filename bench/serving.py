@@ -93,7 +93,36 @@ class Recorder:
             assert self._done.wait_for(lambda: self._left == 0, timeout), "requests did not finish"
 
 
-def concurrent_run(engine, prompts, att, max_tokens, tag, steady_steps=0) -> dict:
+class StepLog:
+    """The engine's observer: when each decode step ended and what it spent (engine.DecodeStepStats)."""
+
+    def __init__(self):
+        self.steps: list[tuple[float, object]] = []
+
+    def on_prefill(self, stats):
+        pass
+
+    def on_request_done(self, times):
+        pass
+
+    def on_decode_step(self, stats):
+        self.steps.append((time.perf_counter(), stats))
+
+    def split(self, lo: float, hi: float, requests: int) -> dict | None:
+        """Medians over the steps of `requests` requests that ended in (lo, hi]: where a step's time went."""
+        st = [s for t, s in self.steps if lo < t <= hi and s.requests == requests]
+        if not st:
+            return None
+
+        def med(f):
+            return round(1e3 * statistics.median(f(s) for s in st), 3)
+        return {"steps": len(st), "step_ms": med(lambda s: s.seconds),
+                "lookup_ms_per_layer": med(lambda s: s.lookup_s_per_layer),
+                "host_wait_for_device_ms": med(lambda s: s.wait_s),
+                "insert_core_ms_per_step": med(lambda s: s.insert_s)}
+
+
+def concurrent_run(engine, prompts, att, max_tokens, tag, steady_steps=0, log: StepLog | None = None) -> dict:
     """len(prompts) requests submitted at once. Decode tokens/s counts the tokens that arrive while all of
     them are decoding (from the last first token to the first last token): the steady batched rate.
     steady_steps > 0: the requests run until every one has made that many tokens after the last one's
@@ -117,7 +146,8 @@ def concurrent_run(engine, prompts, att, max_tokens, tag, steady_steps=0) -> dic
             "wall_s": round(t1 - t0, 3), "e2e_tokens_per_s": round(total / (t1 - t0), 3),
             "decode_tokens_per_s": round(steady / (hi - lo), 3) if hi > lo and steady else None,
             "steady_window_s": round(hi - lo, 3),
-            "ttft_s": [round(t[0] - rec.submitted[r], 3) for r, t in rec.times.items()]}
+            "ttft_s": [round(t[0] - rec.submitted[r], 3) for r, t in rec.times.items()],
+            "step_split": log.split(lo, hi, len(prompts)) if log else None}
 
 
 def sequential_run(engine, prompts, att, max_tokens, tag) -> dict:
@@ -253,9 +283,10 @@ def main(argv=None):
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_mem_gb * 2**30 / total))
     max_len = max(a.context, a.gap_context, a.doc_context) + a.max_tokens + 64 if a.load_format == "dummy" else None
+    log = StepLog()
     engine = Engine(EngineConfig(model=a.model, load_format=a.load_format, device=a.device,
                                  max_num_seqs=a.max_num_seqs, prefill_slice=a.prefill_slice, max_model_len=max_len,
-                                 build_threads=a.build_threads, doc_cache_gb=a.doc_cache_gb))
+                                 build_threads=a.build_threads, doc_cache_gb=a.doc_cache_gb), observer=log)
     att = AttentionConfig(mode=a.mode).override(dtype=a.kv_store_dtype)
     conc = [int(x) for x in a.concurrency.split(",") if x]
     seeds = itertools.count(1)
@@ -277,7 +308,7 @@ def main(argv=None):
                       "gpu_mem_cap_gb": a.gpu_mem_gb},
               "concurrent": []}
     for c in conc:
-        r = concurrent_run(engine, fresh(c), att, a.max_tokens, f"c{c}", a.steady_steps)
+        r = concurrent_run(engine, fresh(c), att, a.max_tokens, f"c{c}", a.steady_steps, log)
         print(json.dumps(r), flush=True)
         report["concurrent"].append(r)
     one = next((r for r in report["concurrent"] if r["requests"] == 1), None)

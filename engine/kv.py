@@ -500,6 +500,10 @@ class SequenceKV:
         self._retrieval_s, self._retrieval_calls = 0.0, 0
         return secs / calls if calls else 0.0
 
+    def take_insert_seconds(self) -> float:
+        """Core-seconds the stores spent inserting evicted blocks since the last call."""
+        return sum(st.take_insert_seconds() for st in self.stores) if self.stores is not None else 0.0
+
     def build_seconds(self) -> float:
         return sum(s.build_seconds for s in self.stores) if self.stores is not None else 0.0
 

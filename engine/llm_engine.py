@@ -128,9 +128,18 @@ class RequestTimes:
     decode_s: float     # first token -> last
 
 
+@dataclass
+class DecodeStepStats:
+    seconds: float          # the step, sampling excluded
+    requests: int
+    lookup_s_per_layer: float  # one layer's CPU lookups (one call for every request; 0: none)
+    wait_s: float           # the host waiting for the device inside the step
+    insert_s: float         # core-seconds of index insertions finished since the last step (background)
+
+
 class EngineObserver(Protocol):
     def on_prefill(self, stats: PrefillStats) -> None: ...
-    def on_decode_step(self, seconds: float, retrieval_seconds_per_layer: float) -> None: ...
+    def on_decode_step(self, stats: DecodeStepStats) -> None: ...
     def on_request_done(self, times: RequestTimes) -> None: ...
 
 
@@ -563,7 +572,9 @@ class Engine:
                 self._fail(seq, e)
             return
         # the requests' lookups of a layer run in one call: each one's time is that call's
-        self._observe("on_decode_step", time.perf_counter() - t, max(s.kv.take_retrieval_seconds() for s in batch))
+        self._observe("on_decode_step", DecodeStepStats(
+            time.perf_counter() - t, len(batch), max(s.kv.take_retrieval_seconds() for s in batch),
+            self.runner.take_wait_seconds(), sum(s.kv.take_insert_seconds() for s in batch)))
         for seq, row in zip(batch, logits):
             ctx = request_id.set(seq.request.request_id)
             try:

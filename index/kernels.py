@@ -58,6 +58,30 @@ def _bump(visited_row, stamps, r):
 
 
 @intrinsic
+def _prefetch(typingctx, addr):
+    """Ask the CPU to load the cache line at `addr` (llvm.prefetch: read, keep in all cache levels)."""
+    sig = types.void(types.int64)
+
+    def codegen(context, builder, signature, args):
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p], ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
+        builder.call(fn, [builder.inttoptr(args[0], i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _prefetch_row(X, v):
+    """Start loading row v of X: a walk scores keys at random rows of a store far larger than the caches, and
+    waiting for each load in turn (one miss at a time) bounds it, where issued together they overlap
+    (H200 host, 32K bf16: a layer's lookups 1.13 -> 0.94 ms for 1 request, 7.9 -> 7.3 ms for 8)."""
+    a, row = X.ctypes.data + v * X.strides[0], X.strides[0]
+    for off in range(0, row, 64):
+        _prefetch(a + off)
+
+
+@intrinsic
 def _bf16_bits_to_f32(typingctx, x):
     """bfloat16 bits (uint16) -> float32: the upper half of a float32's bits."""
     sig = types.float32(types.uint16)
@@ -206,6 +230,10 @@ def _beam_one(qv, Kg, n, adj, entries, ef, visited, stamp, cs, ci, cx):
         nxt = pos + 1
         for r in range(adj.shape[1]):
             v = adj[u, r]
+            if v >= 0 and v < n and visited[v] != stamp:
+                _prefetch_row(Kg, v)
+        for r in range(adj.shape[1]):
+            v = adj[u, r]
             if v < 0 or v >= n or visited[v] == stamp:
                 continue
             visited[v] = stamp
@@ -227,6 +255,8 @@ def _attend_one(qv, Kg, Vg, ids, cnt, scale, o):
     if cnt == 0:
         return NEG_INF, np.float32(0.0)
     m = NEG_INF
+    for j in range(cnt):
+        _prefetch_row(Vg, ids[j])
     for j in range(cnt):
         z = _dot(qv, Kg[ids[j]]) * scale
         if z > m:

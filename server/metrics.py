@@ -63,9 +63,9 @@ class Metrics:
         if stats.offloaded:
             self.index_build.observe(stats.build_s)
 
-    def on_decode_step(self, seconds: float, retrieval_seconds_per_layer: float) -> None:
-        if retrieval_seconds_per_layer > 0:
-            self.retrieval.observe(retrieval_seconds_per_layer)
+    def on_decode_step(self, stats) -> None:
+        if stats.lookup_s_per_layer > 0:
+            self.retrieval.observe(stats.lookup_s_per_layer)
 
     def on_request_done(self, times) -> None:
         self.queue_time.observe(times.queue_s)

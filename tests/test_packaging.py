@@ -172,9 +172,10 @@ def test_docker_cache_variables_are_the_ones_numba_and_the_loader_read(tmp_path,
     assert _gguf_cache_dir(gguf).parent == Path(env["RATTN_CACHE"])
     monkeypatch.setenv("RATTN_CACHE", str(tmp_path / "rattn"))
     assert _gguf_cache_dir(gguf).parent == tmp_path / "rattn"
-    # numba writes our kernels' cache under NUMBA_CACHE_DIR (one compile of every kernel, ~20-30 s)
+    # numba writes our kernels' cache under NUMBA_CACHE_DIR (one small kernel: all of them take ~50 s)
     cache = tmp_path / "numba"
-    out = subprocess.run([sys.executable, "-c", "import index; index.warm_up()"], cwd=ROOT,
+    one = "import numpy as np; from index import kernels; kernels._sort_desc(np.ones(2, np.float32), np.arange(2), 2)"
+    out = subprocess.run([sys.executable, "-c", one], cwd=ROOT,
                          env={**os.environ, "NUMBA_CACHE_DIR": str(cache)}, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
