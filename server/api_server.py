@@ -60,10 +60,15 @@ class ServerConfig:
     sse_keepalive: float = 15.0         # seconds between `: keep-alive` comments on a quiet stream
     shutdown_timeout: float = 30.0      # on SIGTERM: how long running requests may still run
     allowed_origins: list[str] = field(default_factory=list)  # CORS; empty: no CORS headers
+    # a chat request without max_tokens: at most this many (0: what the context and the host budget hold).
+    # Admission reserves a request's largest size, so uncapped ones would each take a long context's room.
+    default_max_tokens: int = 4096
 
     def __post_init__(self):
         if self.max_request_mb <= 0 or self.sse_keepalive <= 0 or self.shutdown_timeout < 0:
             raise ValueError("max_request_mb and sse_keepalive must be > 0, shutdown_timeout >= 0")
+        if self.default_max_tokens < 0:
+            raise ValueError("default_max_tokens must be >= 0")
 
     @property
     def model_name(self) -> str:
@@ -242,7 +247,7 @@ def _attention(req, engine: Engine):
 
 
 def _max_tokens(requested: int | None, name: str, prompt_len: int, engine: Engine,
-                attention: AttentionConfig | None) -> int:
+                attention: AttentionConfig | None, default: int = 0) -> int:
     limit = engine.max_model_len
     if requested is not None:
         if requested > limit:
@@ -253,8 +258,9 @@ def _max_tokens(requested: int | None, name: str, prompt_len: int, engine: Engin
     if left < 1:
         raise APIError(400, f"this model's maximum context length is {limit} tokens; the prompt "
                             f"has {prompt_len} tokens, leaving no room to generate", param="messages")
-    # unasked, as many as the host memory budget holds (the engine refuses the prompt if it holds none)
-    return max(1, min(left, engine.tokens_that_fit(prompt_len, attention)))
+    # unasked: up to `default`, and no more than the host memory budget holds (the engine refuses the prompt
+    # if it holds none)
+    return max(1, min(left, default or left, engine.tokens_that_fit(prompt_len, attention)))
 
 
 async def _tokenize(fn, *args, param: str):
@@ -419,7 +425,8 @@ def create_app(cfg: ServerConfig, load_in_background: bool = True) -> FastAPI:
         ids = await _tokenize(engine.encode_chat, _messages(req), param="messages")
         name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         att = _attention(req, engine)
-        mt = _max_tokens(req.max_completion_tokens or req.max_tokens, name, len(ids), engine, att)
+        mt = _max_tokens(req.max_completion_tokens or req.max_tokens, name, len(ids), engine, att,
+                         cfg.default_max_tokens)
         lp = (req.top_logprobs or 0) if req.logprobs else None
         gen = Generation(state, [ids], _sampling(req, mt, lp, engine), att, req.n,
                          request.state.request_id, "messages")

@@ -65,6 +65,8 @@ SERVE_FLAGS = {
     "shutdown_timeout": (float, 30.0, "on SIGTERM/SIGINT: seconds running requests may still run before they are "
                                       "aborted"),
     "allowed_origins": (str, None, "CORS: comma-separated origins allowed to call the API from a browser ('*': any)"),
+    "default_max_tokens": (int, 4096, "a chat request that sets no max_tokens generates at most this many (0: as many "
+                                      "as the context and --cpu-kv-budget hold; admission reserves that much)"),
 }
 
 
@@ -133,7 +135,8 @@ def cmd_serve(ns):
     origins = [o.strip() for o in (a["allowed_origins"] or "").split(",") if o.strip()]
     cfg = ServerConfig(engine=engine_config(a), served_model_name=a["served_model_name"], api_key=a["api_key"],
                        max_request_mb=a["max_request_mb"], sse_keepalive=a["sse_keepalive"],
-                       shutdown_timeout=a["shutdown_timeout"], allowed_origins=origins)
+                       shutdown_timeout=a["shutdown_timeout"], allowed_origins=origins,
+                       default_max_tokens=a["default_max_tokens"])
     serve(cfg, a["host"], a["port"])
 
 

@@ -233,3 +233,17 @@ def test_any_body_becomes_valid_parameters_or_a_400(engine, body):
         if att is not None:
             assert att.sink <= engine.max_model_len and att.window <= engine.max_model_len
             assert att.index.degree <= 64 and att.index.ef <= 4096
+
+
+def test_a_chat_request_without_max_tokens_is_capped_by_the_server_default(engine):
+    fit = engine.tokens_that_fit(10, None)
+    assert _max_tokens(None, "max_tokens", 10, engine, None, default=7) == 7
+    assert _max_tokens(None, "max_tokens", 10, engine, None, default=0) == min(engine.max_model_len - 10, fit)
+    assert _max_tokens(5, "max_tokens", 10, engine, None, default=3) == 5  # a client's own number wins
+    body = {"model": MODEL, "messages": HELLO, "ignore_eos": True, "temperature": 0}
+    r = post(TestClient(make_app(engine, default_max_tokens=3)), "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["usage"]["completion_tokens"] == 3 and out["choices"][0]["finish_reason"] == "length"
+    with pytest.raises(ValueError):
+        ServerConfig(default_max_tokens=-1)
