@@ -188,7 +188,7 @@ def main(argv=None):
                          "long prompt): larger stores from a short-context model")
     ap.add_argument("--layers", default="", help="comma-separated layer subset (default: all)")
     ap.add_argument("--kinds", default="flat,hnsw,graph-kv,graph-query")
-    ap.add_argument("--dtype", default="float32", help="keys in the stores: float32 | bf16 (hnswlib: float32)")
+    ap.add_argument("--dtype", default="float32", help="keys in the stores: float32 | bf16 | int8 (hnswlib: float32)")
     ap.add_argument("--out", default="bench/results/index_recall.json")
     ap.add_argument("--png", default="bench/results/index_recall.png")
     a = ap.parse_args(argv)

@@ -275,7 +275,7 @@ def main(argv=None):
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--prefill-slice", type=float, default=0.25)
     ap.add_argument("--build-threads", type=int, default=0, help="index builds at once on CUDA (0: one per core)")
-    ap.add_argument("--kv-store-dtype", default="float32", help="offloaded K/V in host memory: float32 | bf16")
+    ap.add_argument("--kv-store-dtype", default="float32", help="offloaded K/V in host memory: float32 | bf16 | int8")
     ap.add_argument("--out", default="bench/results/serving.json")
     a = ap.parse_args(argv)
 

@@ -91,16 +91,18 @@ class DocEntry:
 
     def copy_prefix(self, l: int, c: int, k_out: torch.Tensor, v_out: torch.Tensor, to_device=None):
         """Layer l's K/V of tokens [0, c) -> k_out/v_out (c, G, d) (on the model's device). to_device(src,
-        out): how the stored keys (G, m, d) reach out (m, G, d) there (default: a plain copy)."""
+        out, unpack): how host rows (G, m, row) reach out (m, G, d) there, unpack(rows) giving their values
+        on the way (default: a plain copy)."""
         S, n = min(self.sink, c), self.n
         k_out[:S] = self.sink_k[l, :, :S].transpose(0, 1)
         v_out[:S] = self.sink_v[l, :, :S].transpose(0, 1)
-        move = to_device or (lambda src, out: out.copy_(src.transpose(0, 1)))
+        move = to_device or (lambda src, out, unpack=None: out.copy_((unpack(src) if unpack else src).transpose(0, 1)))
         m = min(c, self.sink + n) - S  # from the stores
         if m > 0:
-            K, V = self.stores[l].kv_tensors(m)  # (G, m, d)
-            move(K, k_out[S: S + m])
-            move(V, v_out[S: S + m])
+            store = self.stores[l]
+            K, V = store.kv_rows(m)  # (G, m, row)
+            move(K, k_out[S: S + m], store.unpack)
+            move(V, v_out[S: S + m], store.unpack)
         t = c - S - max(m, 0)  # from the tail (every token of a raw entry)
         if t > 0:
             move(self.tail_k[l, :, :t], k_out[c - t: c])

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from index import MIN_CAPACITY, NO_DESC, NO_PART, OffloadedStore, graph_knn, request_row
+from index import MIN_CAPACITY, NO_DESC, NO_PART, OffloadedStore, graph_knn, pack, request_row, row_format, store_format
 
 from .attention import AttentionConfig
 from .doc_cache import DocEntry
@@ -159,8 +159,10 @@ def host_bytes(shape: ModelShape, cfg: AttentionConfig, prompt_len: int, total_l
     S, _, W = static_slots(cfg, total_len)
     n = max(MIN_CAPACITY, offloadable(total_len, prompt_len, S, W))
     L, G, H, d, p = shape.n_layers, shape.n_kv_heads, shape.n_heads, shape.head_dim, cfg.index
-    item = 2 if kind != "hnsw" and p.dtype == "bf16" else 4
-    per = G * d * 2 * item + 4  # + a visit stamp per key (the store's own searches: insertions)
+    fmt = store_format(kind, p.dtype)
+    tdt, row = row_format(fmt, d)
+    row_bytes = row * tdt.itemsize
+    per = G * row_bytes * 2 + 4  # + a visit stamp per key (the store's own searches: insertions)
     fixed = p.ef * 13 + 4  # its search list (cs/ci/cx) and stamp; a decode step's are the runner's, per thread
     if kind == "graph":
         A = H if p.per_head == "query" else G
@@ -169,7 +171,7 @@ def host_bytes(shape: ModelShape, cfg: AttentionConfig, prompt_len: int, total_l
     elif kind == "hnsw":  # searched head by head: scratch for every head
         per += G * (d * 4 + (2 * p.hnsw_m + 1) * 4 + 8 + 96) + H * 4
         fixed += H * max(p.ef, min(cfg.top_k, n)) * 13 + H * 4
-    return L * (per * n + fixed) + 24 * total_len + 2 * L * G * cfg.evict_block * d * 4
+    return L * (per * n + fixed) + 24 * total_len + 2 * L * G * cfg.evict_block * row_bytes
 
 
 def entry_bytes(shape: ModelShape, cfg: AttentionConfig, prompt_len: int, dtype: torch.dtype) -> int:
@@ -249,7 +251,10 @@ class SequenceKV:
         self.cur_occ: np.ndarray | None = None
         self.cur_cached_occ: np.ndarray | None = None
         pin = device.type == "cuda"
-        self.evict_k = torch.empty(L, G, B, d, dtype=torch.float32, pin_memory=pin) if kind else None
+        # the evicted block's rows, packed on the device (the store's format) and copied here in one go
+        self.fmt = store_format(kind, cfg.index.dtype) if kind else None
+        tdt, row = row_format(self.fmt, d) if kind else (None, 0)
+        self.evict_k = torch.empty(L, G, B, row, dtype=tdt, pin_memory=pin) if kind else None
         self.evict_v = torch.empty_like(self.evict_k) if kind else None
         self.split = (0, 0, 0)
         self.n_offloaded = 0  # keys in each layer's store, once its pending inserts are done
@@ -361,15 +366,13 @@ class SequenceKV:
         """Copy k/v (m, G, d) into the store with room for `extra` keys more, and queue its index build."""
         m = k.shape[0]
         k_mid = k.transpose(0, 1)  # (G, m, d)
-        K, V = store.reserve(m, extra=extra)
+        store.reserve(m, extra=extra)
         if m == 0:
             return []
-        K.copy_(k_mid)
-        V.copy_(v.transpose(0, 1))
+        store.write(0, k_mid, v.transpose(0, 1))
         knn = None
-        if store.kind == "graph":  # from the keys as the model made them (the store may keep them in bf16)
-            k_dev = K if self.device.type == "cpu" and K.dtype == torch.float32 else k_mid.float().contiguous()
-            knn = graph_knn(q_rows.float(), k_dev, self.cfg.index.knn, self.cfg.index.per_head)
+        if store.kind == "graph":  # from the keys as the model made them (the store may keep them compact)
+            knn = graph_knn(q_rows.float(), k_mid.float().contiguous(), self.cfg.index.knn, self.cfg.index.per_head)
         return [pool.submit(store.build, m, knn)]
 
     # ------------------------------------------------------------------ decode
@@ -416,14 +419,15 @@ class SequenceKV:
         if self.stores is not None:
             self._wait_inserts()  # the host buffers below are the previous block's until it is in
             # one device->host copy for all layers, then each layer's store indexes its block
-            self.evict_k.copy_(self.k[:, :, a: a + B])
-            self.evict_v.copy_(self.v[:, :, a: a + B])
-            kh, vh = self.evict_k.numpy(), self.evict_v.numpy()
+            self.evict_k.copy_(pack(self.k[:, :, a: a + B], self.fmt))
+            self.evict_v.copy_(pack(self.v[:, :, a: a + B], self.fmt))
+            kh, vh = self.evict_k, self.evict_v
             if self.executor is None:
                 for l, store in enumerate(self.stores):
-                    store.append(kh[l], vh[l])
+                    store.append_rows(kh[l], vh[l])
             else:
-                self._inserts = [self.executor.submit(store.append, kh[l], vh[l]) for l, store in enumerate(self.stores)]
+                self._inserts = [self.executor.submit(store.append_rows, kh[l], vh[l])
+                                 for l, store in enumerate(self.stores)]
             self.n_offloaded += B
             if self.occ is not None:
                 self.occ.extend(self.ring_tok[a - self.S: a - self.S + B])

@@ -398,10 +398,12 @@ class _HostToDevice:
         self.done: list[torch.cuda.Event | None] = [None, None]
         self.i = 0
 
-    def __call__(self, src: torch.Tensor, out: torch.Tensor):
-        """src (G, m, d) on the host -> out (m, G, d) on the device (in out's dtype)."""
+    def __call__(self, src: torch.Tensor, out: torch.Tensor, unpack=None):
+        """src (G, m, row) on the host -> out (m, G, d) on the device (in out's dtype); unpack(rows): their
+        values (a compact store's rows are unpacked on the device, after the copy)."""
+        unpack = unpack or (lambda x: x)
         if self.device.type != "cuda":
-            out.copy_(src.transpose(0, 1))
+            out.copy_(unpack(src).transpose(0, 1))
             return
         G, m, d = src.shape
         step = max(1, self.CHUNK // (G * d * src.element_size()))
@@ -412,7 +414,7 @@ class _HostToDevice:
                 self.done[i].synchronize()  # its last DMA is over
             stage = self.bufs[i][: G * (b - a) * d * src.element_size()].view(src.dtype).view(G, b - a, d)
             stage.copy_(src[:, a:b])
-            out[a:b] = stage.to(self.device, non_blocking=True).transpose(0, 1)
+            out[a:b] = unpack(stage.to(self.device, non_blocking=True)).transpose(0, 1)
             self.done[i] = torch.cuda.Event()
             self.done[i].record()
 

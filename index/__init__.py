@@ -11,10 +11,11 @@ import numpy as np
 
 from .knn import exact_topk, graph_knn
 from .store import (KINDS, MIN_CAPACITY, NO_DESC, NO_PART, STORE_DTYPES, BatchScratch, IndexParams, OffloadedStore,
-                    attend_batch, request_row)
+                    attend_batch, pack, request_row, row_format, store_format)
 
 __all__ = ["KINDS", "MIN_CAPACITY", "NO_DESC", "NO_PART", "BatchScratch", "IndexParams", "OffloadedStore", "attend_batch",
-           "request_row", "Index", "build_index", "exact_topk", "graph_knn", "warm_up"]
+           "pack", "request_row", "row_format", "store_format", "Index", "build_index", "exact_topk", "graph_knn",
+           "warm_up"]
 
 
 def warm_up():

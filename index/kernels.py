@@ -94,7 +94,7 @@ def _bf16_bits_to_f32(typingctx, x):
 
 
 def _ld(a, i):
-    """a[i] as float32, for float32 arrays and bfloat16 ones (stored as uint16 bits)."""
+    """a[i] as float32, for float32 arrays, bfloat16 ones (stored as uint16 bits) and int8 ones."""
 
 
 @overload(_ld, inline="always")
@@ -104,12 +104,29 @@ def _ld_impl(a, i):
     return lambda a, i: np.float32(a[i])
 
 
+def _row_scale(row, d):
+    """The scale of a stored row of d values: int8 rows end with their float32 scale, others have none."""
+
+
+@overload(_row_scale, inline="always")
+def _row_scale_impl(row, d):
+    if row.dtype == types.int8:
+        return lambda row, d: carray(_f32p(row.ctypes.data + d), (1,))[0]
+    return lambda row, d: np.float32(1.0)
+
+
 @njit(nogil=True, fastmath=True, cache=True, inline="always")
 def _dot(a, b):
     s = np.float32(0.0)
     for i in range(a.shape[0]):
         s += _ld(a, i) * _ld(b, i)
     return s
+
+
+@njit(nogil=True, fastmath=True, cache=True, inline="always")
+def _score(qv, row):
+    """q . k for a stored key row (its d = len(q) values, times its scale where it has one)."""
+    return _dot(qv, row) * _row_scale(row, qv.shape[0])
 
 
 @njit(nogil=True, cache=True)
@@ -163,7 +180,7 @@ def _sort_desc(sc, ids, size):
 def _flat_one(qv, Kg, n, k, sc, ids):
     size = 0
     for j in range(n):
-        size = _heap_push_topk(sc, ids, size, k, _dot(qv, Kg[j]), j)
+        size = _heap_push_topk(sc, ids, size, k, _score(qv, Kg[j]), j)
     _sort_desc(sc, ids, size)
     return size
 
@@ -219,7 +236,7 @@ def _beam_one(qv, Kg, n, adj, entries, ef, visited, stamp, cs, ci, cx):
         usable += e < E
         visited[u] = stamp
         scanned += 1
-        size, _ = _insert_sorted(cs, ci, cx, size, ef, _dot(qv, Kg[u]), u)
+        size, _ = _insert_sorted(cs, ci, cx, size, ef, _score(qv, Kg[u]), u)
     pos = 0  # invariant: every candidate before pos is expanded
     while pos < size:
         if cx[pos]:
@@ -238,7 +255,7 @@ def _beam_one(qv, Kg, n, adj, entries, ef, visited, stamp, cs, ci, cx):
                 continue
             visited[v] = stamp
             scanned += 1
-            s = _dot(qv, Kg[v])
+            s = _score(qv, Kg[v])
             if size < ef or s > cs[size - 1]:
                 size, at = _insert_sorted(cs, ci, cx, size, ef, s, v)
                 nxt = min(nxt, at)  # a better candidate landed before the next unexpanded one
@@ -258,17 +275,18 @@ def _attend_one(qv, Kg, Vg, ids, cnt, scale, o):
     for j in range(cnt):
         _prefetch_row(Vg, ids[j])
     for j in range(cnt):
-        z = _dot(qv, Kg[ids[j]]) * scale
+        z = _score(qv, Kg[ids[j]]) * scale
         if z > m:
             m = z
     s = np.float32(0.0)
     for j in range(cnt):
         u = ids[j]
-        w = np.exp(_dot(qv, Kg[u]) * scale - m)
+        w = np.exp(_score(qv, Kg[u]) * scale - m)
         s += w
         vu = Vg[u]
+        wv = w * _row_scale(vu, d)
         for i in range(d):
-            o[i] += w * _ld(vu, i)
+            o[i] += wv * _ld(vu, i)
     inv = np.float32(1.0) / s
     for i in range(d):
         o[i] *= inv
@@ -302,7 +320,7 @@ def _graph_or_exact(qv, Kg, n, k, adj, entries, exact, exact_max, occ, ef, visit
                     continue
                 visited[u] = stamp
                 scanned += 1
-                s = _dot(qv, Kg[u])
+                s = _score(qv, Kg[u])
                 if found < ef or s > cs[found - 1]:
                     found, _ = _insert_sorted(cs, ci, cx, found, ef, s, u)
     return found, scanned
@@ -363,8 +381,8 @@ def ids_attend(q, K, V, ids, counts, scale, out_o, out_m, out_s):
 
 
 # A store described by addresses (OffloadedStore.describe), for batch_attend: one row per store and layer.
-D_K, D_V, D_ADJ, D_ENTRIES, D_EXACT, D_CAP, D_A, D_R, D_E = range(9)
-DESCRIBE_FIELDS = 9
+D_K, D_V, D_ADJ, D_ENTRIES, D_EXACT, D_CAP, D_ROW, D_A, D_R, D_E = range(10)
+DESCRIBE_FIELDS = 10
 # Per request and step: its row in q/out and k, then PARTS parts (its own store, a cached document's), each
 # flat (0) or graph (1), its keys (0: no part), ef, exact_max and occurrences.
 R_ROW, R_K = range(2)
@@ -418,9 +436,9 @@ def batch_attend(desc, l, req, G, scale, q, out_o, out_ms, kv_like, visited, sta
                 continue
             kk = min(k, n)
             e = desc[b, p, l]
-            cap = e[D_CAP]
-            Kg = carray(_ptr_like(e[D_K], kv_like), (G, cap, d))[g]
-            Vg = carray(_ptr_like(e[D_V], kv_like), (G, cap, d))[g]
+            cap, row = e[D_CAP], e[D_ROW]
+            Kg = carray(_ptr_like(e[D_K], kv_like), (G, cap, row))[g]
+            Vg = carray(_ptr_like(e[D_V], kv_like), (G, cap, row))[g]
             if req[b, f + P_KIND] == 0 or kk >= n:
                 got = _flat_one(qv, Kg, n, kk, cs[th], ci[th])
             else:
@@ -535,7 +553,7 @@ def build_graph(knn, n, R, adj, entries):
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def add_nodes(Kg, start, end, adj, entries, ef, visited, stamps, cs, ci, cx):
+def add_nodes(Kg, d, start, end, adj, entries, ef, visited, stamps, cs, ci, cx):
     """Link keys start..end-1 (already in Kg) into the graph: a sequence edge to the previous key and
     projected edges to the keys a search for the key itself finds, mirrored where a slot is free.
     It searches with scratch row 0 (visited[0], stamps[0], cs[0]...)."""
@@ -554,7 +572,7 @@ def add_nodes(Kg, start, end, adj, entries, ef, visited, stamps, cs, ci, cx):
                     break
         if u == 0:
             continue
-        got, _ = _beam_one(Kg[u], Kg, u, adj, entries, ef, vis, _bump(vis, stamps, 0), cs, ci, cx)
+        got, _ = _beam_one(Kg[u, :d], Kg, u, adj, entries, ef, vis, _bump(vis, stamps, 0), cs, ci, cx)
         slot = 2
         for j in range(got):
             v = ci[j]

@@ -1,6 +1,6 @@
 """Per-request, per-layer CPU store of offloaded K/V with a top-k index over the keys.
 
-`OffloadedStore` keeps K and V once per KV head, (G, cap, d) float32, grows by doubling, and answers
+`OffloadedStore` keeps K and V once per KV head, (G, cap, row) rows of a store format (`pack`), grows by doubling, and answers
 one call per layer for all query heads: `attend(q, k, out_o, out_m, out_s)` finds each head's top-k
 keys and computes the partial attention over them (numba, GIL released, parallel over heads).
 """
@@ -16,8 +16,39 @@ from . import kernels
 
 KINDS = ("flat", "hnsw", "graph")
 MIN_CAPACITY = 1024  # keys a store has room for from the start
-# bf16 is kept as its bits (uint16): numpy has no bfloat16; the kernels widen each value as they read it
-STORE_DTYPES = {"float32": np.float32, "bf16": np.uint16}
+# bf16 is kept as its bits (uint16): numpy has no bfloat16; the kernels widen each value as they read it.
+# int8: a row's d values, then its float32 scale in 4 more bytes, so that scoring a key is one read.
+STORE_DTYPES = {"float32": np.float32, "bf16": np.uint16, "int8": np.int8}
+
+
+def store_format(kind: str, dtype: str) -> str:
+    """The format a store of this kind keeps: hnswlib indexes float32 keys only, so its baseline keeps them."""
+    return "float32" if kind == "hnsw" else dtype
+
+
+def row_format(fmt: str, d: int) -> tuple[torch.dtype, int]:
+    """(torch dtype, row length) of one key or value of d numbers in a store format."""
+    if fmt == "int8":
+        return torch.int8, d + 4
+    return (torch.bfloat16 if fmt == "bf16" else torch.float32), d
+
+
+def pack(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """x (..., d) -> its rows in the store format, computed where x is (on the GPU for the model's K/V, so
+    the copy to the host moves the compact rows). int8: symmetric, one scale per row (a token of a KV
+    head): round(x / s) with s = max |x| / 127."""
+    if fmt != "int8":
+        return x.to(row_format(fmt, 0)[0])
+    xf = x.float()
+    s = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
+    return torch.cat([torch.round(xf / s).clamp_(-127, 127).to(torch.int8), s.view(torch.int8)], -1)
+
+
+def unpack(rows: torch.Tensor, fmt: str, d: int) -> torch.Tensor:
+    """Rows of a store format -> their values (..., d) (float32 or bfloat16), where the rows are."""
+    if fmt != "int8":
+        return rows
+    return rows[..., :d].float() * rows[..., d:].contiguous().view(torch.float32)
 
 
 @dataclass
@@ -33,7 +64,7 @@ class IndexParams:
     hnsw_m: int = 16
     hnsw_ef_construction: int = 100
     threads: int = 0          # build threads for hnswlib (0: all)
-    dtype: str = "float32"    # K and V in the store: float32 | bf16 (half the bytes a scanned key reads)
+    dtype: str = "float32"    # K and V in the store: float32 | bf16 (half the bytes) | int8 (+ a scale per row)
 
     def __post_init__(self):
         if self.dtype not in STORE_DTYPES:
@@ -57,10 +88,11 @@ class OffloadedStore:
         self.p = params or IndexParams()
         self.n = 0
         cap = max(capacity, 16)
-        # hnswlib indexes float32 keys only: its baseline keeps them so
-        self.dtype = STORE_DTYPES["float32" if kind == "hnsw" else self.p.dtype]
-        self.K = np.zeros((self.G, cap, head_dim), self.dtype)
-        self.V = np.zeros((self.G, cap, head_dim), self.dtype) if with_values else None
+        self.fmt = store_format(kind, self.p.dtype)
+        self.dtype = STORE_DTYPES[self.fmt]
+        self.row = row_format(self.fmt, head_dim)[1]
+        self.K = np.zeros((self.G, cap, self.row), self.dtype)
+        self.V = np.zeros((self.G, cap, self.row), self.dtype) if with_values else None
         self.A = (self.H if self.p.per_head == "query" else self.G) if kind == "graph" else self.G
         if kind == "graph":
             self.adj = np.full((self.A, cap, self.p.degree), -1, np.int32)
@@ -81,9 +113,12 @@ class OffloadedStore:
     def capacity(self) -> int:
         return self.K.shape[1]
 
-    def kv_tensors(self, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(G, m, d) tensors over the first m keys and values (float32 or bfloat16), for reading them back."""
+    def kv_rows(self, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(G, m, row) tensors over the first m keys' and values' rows, for reading them back (`unpack`)."""
         return _tensor(self.K[:, :m]), (_tensor(self.V[:, :m]) if self.V is not None else None)
+
+    def unpack(self, rows: torch.Tensor) -> torch.Tensor:
+        return unpack(rows, self.fmt, self.d)
 
     def nbytes(self) -> int:
         b = self.K.nbytes + (self.V.nbytes if self.V is not None else 0)
@@ -128,20 +163,25 @@ class OffloadedStore:
         self.version += 1
 
     # ------------------------------------------------------------------ build and insert
-    def reserve(self, n: int, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Room for n prefill keys, plus `extra` for keys inserted later (so decoding never regrows):
-        returns (G, n, d) tensors over the store's K and V (float32 or bfloat16) to copy into in place,
-        so that prefill copies from the device straight into the store. `build(n, ...)` indexes them."""
+    def reserve(self, n: int, extra: int = 0):
+        """Room for n prefill keys, plus `extra` for keys inserted later (so decoding never regrows). `write`
+        fills them, `build(n, ...)` indexes them."""
         self._grow(n + extra, exact=True)  # what the request said it needs (and was admitted for)
         self.n = 0
-        return _tensor(self.K[:, :n]), (_tensor(self.V[:, :n]) if self.V is not None else None)
+
+    def write(self, start: int, K: torch.Tensor, V: torch.Tensor | None):
+        """Keys and values (G, m, d), of any float dtype and on any device, into rows start..start+m-1:
+        packed where they are (`pack`), then copied straight into the store."""
+        m = K.shape[1]
+        _tensor(self.K[:, start: start + m]).copy_(pack(K, self.fmt))
+        if self.V is not None:
+            _tensor(self.V[:, start: start + m]).copy_(pack(V, self.fmt))
 
     def load(self, K: np.ndarray, V: np.ndarray | None, knn: np.ndarray | None):
-        """reserve + copy + build, for K/V (G, n, d) float32 already in host memory."""
-        k_view, v_view = self.reserve(K.shape[1])
-        k_view.copy_(torch.from_numpy(np.ascontiguousarray(K, np.float32)))
-        if v_view is not None:
-            v_view.copy_(torch.from_numpy(np.ascontiguousarray(V, np.float32)))
+        """reserve + write + build, for K/V (G, n, d) float32 already in host memory."""
+        self.reserve(K.shape[1])
+        self.write(0, torch.from_numpy(np.ascontiguousarray(K, np.float32)),
+                   torch.from_numpy(np.ascontiguousarray(V, np.float32)) if V is not None else None)
         self.build(K.shape[1], knn)
 
     def build(self, n: int, knn: np.ndarray | None):
@@ -169,8 +209,14 @@ class OffloadedStore:
                 self.hnsw.append(ix)
         self.build_seconds = time.perf_counter() - t0
 
-    def append(self, K_new: np.ndarray, V_new: np.ndarray | None):
-        """Insert keys that slid out of the device window: (G, b, d) float32. They become searchable at once."""
+    def append(self, K_new: np.ndarray | torch.Tensor, V_new: np.ndarray | torch.Tensor | None):
+        """Insert keys (and values) (G, b, d) of any float dtype: `append_rows` of their packed rows."""
+        K_new, V_new = torch.as_tensor(K_new), (torch.as_tensor(V_new) if V_new is not None else None)
+        self.append_rows(pack(K_new, self.fmt), pack(V_new, self.fmt) if V_new is not None else None)
+
+    def append_rows(self, K_new: torch.Tensor, V_new: torch.Tensor | None):
+        """Insert keys that slid out of the device window, as rows of this store's format (G, b, row) (the
+        engine packs them on the device). They become searchable at once."""
         b = K_new.shape[1]
         if b == 0:
             return
@@ -179,15 +225,15 @@ class OffloadedStore:
         if self.pinned and end > self.capacity:  # a batch_attend may be reading the arrays right now
             raise RuntimeError("CPU store full: it was sized for the request at prefill")
         self._grow(end)
-        _tensor(self.K[:, start:end]).copy_(torch.from_numpy(K_new))
+        _tensor(self.K[:, start:end]).copy_(K_new)
         if self.V is not None:
-            _tensor(self.V[:, start:end]).copy_(torch.from_numpy(V_new))
+            _tensor(self.V[:, start:end]).copy_(V_new)
         self.n = end
         if self.kind == "graph":
             width = min(self.width, 64)
             per = self.A // self.G
             for a in range(self.A):
-                kernels.add_nodes(self.K[a // per], start, end, self.adj[a], self.entries[a], width, self.visited,
+                kernels.add_nodes(self.K[a // per], self.d, start, end, self.adj[a], self.entries[a], width, self.visited,
                                   self.stamps, self.cs, self.ci, self.cx)
         elif self.kind == "hnsw":
             for g, ix in enumerate(self.hnsw):
@@ -277,7 +323,7 @@ class OffloadedStore:
             if self.kind == "graph":
                 d[kernels.D_ADJ], d[kernels.D_ENTRIES] = self.adj.ctypes.data, self.entries.ctypes.data
                 d[kernels.D_A], d[kernels.D_R], d[kernels.D_E] = self.A, self.adj.shape[2], self.entries.shape[1]
-            d[kernels.D_CAP] = self.capacity
+            d[kernels.D_CAP], d[kernels.D_ROW] = self.capacity, self.row
             self._desc = (self.version, d)
         self.pinned = True
         return self._desc[1]
@@ -349,8 +395,7 @@ def _rows(T: int, width: int, dtype) -> np.ndarray:
     threads. Not a clean A/B: against the per-store rows of 3e70d43 on the same H200 instance, 8 requests
     at 32K decoded at 0.63-0.77x of its rate before the padding and 0.85x after (another instance)."""
     item = np.dtype(dtype).itemsize
-    per = _LINE // item
-    w = -(-width // per) * per
+    w = -(-width // _LINE) * _LINE  # the same padded width for every dtype: `fit` compares cs's alone
     raw = np.zeros(T * w * item + _LINE, np.uint8)
     off = -raw.ctypes.data % _LINE
     return raw[off: off + T * w * item].view(dtype).reshape(T, w)

@@ -24,8 +24,9 @@ ENGINE_FLAGS = {
     "sink": (int, 128, "first tokens kept on the device"),
     "window": (int, 512, "last tokens kept on the device"),
     "ef": (int, 128, "index search list size"),
-    "kv_store_dtype": (str, "float32", "offloaded K/V in host memory: float32 | bf16 (half the bytes; flat and graph "
-                                       "stores, hnswlib's stays float32)"),
+    "kv_store_dtype": (str, "float32", "offloaded K/V in host memory: float32 | bf16 (half the bytes) | int8 (a "
+                                       "quarter, plus a scale per token and KV head); flat and graph stores, "
+                                       "hnswlib's stays float32"),
     "graph_degree": (int, 24, "graph index: edges per key (memory: 4 bytes each per key and KV head)"),
     "graph_knn": (int, 64, "graph index: exact top keys of each prefill query that shape the graph"),
     "graph_query_stride": (int, 32, "graph index: one prefill query per head shapes it for every this many "

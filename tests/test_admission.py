@@ -14,7 +14,7 @@ SMALL = AttentionConfig(mode="retrieval", sink=16, window=32, evict_block=8)
 def allocated(kv: SequenceKV) -> int:
     """Every host array a request's KV holds: stores (keys, values, links, search scratch), occurrences,
     eviction buffers."""
-    arrays = [kv.evict_k.numpy(), kv.evict_v.numpy()]
+    arrays = [kv.evict_k, kv.evict_v]  # tensors (rows of the store's format); the rest are numpy arrays
     if kv.occ is not None:
         arrays += [kv.occ.tokens, kv.occ.by_token, kv.occ.sorted]
     for st in kv.stores:
@@ -28,6 +28,7 @@ def allocated(kv: SequenceKV) -> int:
     (1200, 40, SMALL),  # past the 1024 keys a store starts with
     (10, 1500, SMALL),  # a prompt shorter than the sink: its slots stay empty, more can leave the device
     (400, 40, SMALL.override(top_k=3000, dtype="bf16")),
+    (1200, 40, SMALL.override(dtype="int8")),
 ])
 def test_host_bytes_bound_what_a_request_allocates(engine, long_prompt, prompt, max_tokens, att):
     kv = SequenceKV(engine.shape, att, prompt + max_tokens, engine.device, engine.model.dtype, engine.copy_scores)

@@ -222,3 +222,29 @@ def test_a_request_that_fits_only_without_its_own_entry_evicts_it_and_misses(cac
     assert done.wait(120), "the request waited for room that only its own entry held"
     assert outs[-1].finish_reason == "length" and outs[-1].num_cached_tokens == 0
     assert cache.stats().evictions > evicted
+
+
+@pytest.mark.parametrize("fmt", ["float32", "int8"])
+def test_an_entry_gives_back_its_prefix_as_its_stores_keep_it(fmt):
+    """copy_prefix: the sink and tail as copied, the stores' keys and values unpacked from their rows
+    (an int8 store's quantised values, a float32 store's exact ones)."""
+    from index import IndexParams, OffloadedStore, pack
+    from index.store import unpack
+
+    g = torch.Generator().manual_seed(0)
+    S, n, t, d = 4, 100, 6, 16
+    k, v = torch.randn(1, 1, S + n + t, d, generator=g), torch.randn(1, 1, S + n + t, d, generator=g)
+    e = DocEntry(("flat",), np.arange(S + n + t))
+    e.size(1, 1, d, torch.float32, S, t)
+    e.sink_k[:], e.sink_v[:] = k[..., :S, :], v[..., :S, :]
+    e.tail_k[:], e.tail_v[:] = k[..., S + n:, :], v[..., S + n:, :]
+    e.stores = [OffloadedStore("flat", 1, 1, d, IndexParams(dtype=fmt))]
+    e.stores[0].load(k[0, :, S: S + n].numpy(), v[0, :, S: S + n].numpy(), None)
+    k_out, v_out = torch.empty(S + n + t, 1, d), torch.empty(S + n + t, 1, d)
+    e.copy_prefix(0, S + n + t, k_out, v_out)
+    for x, out in ((k, k_out), (v, v_out)):
+        want = x[0].transpose(0, 1).clone()  # (T, 1, d)
+        want[S: S + n] = unpack(pack(want[S: S + n], fmt), fmt, d)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        if fmt == "int8":
+            assert not torch.equal(out, x[0].transpose(0, 1))  # quantised: not the values it was given

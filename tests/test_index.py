@@ -181,16 +181,21 @@ def test_graph_recall_regression_on_real_attention(real_dump):
 
 
 @pytest.mark.parametrize("kind", ["flat", "graph"])
-def test_a_bf16_store_answers_as_a_float32_store_of_the_same_values(data, kind):
-    """Half the bytes, the same arithmetic: on keys and values that bf16 holds exactly, the bf16 store and
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_a_compact_store_answers_as_a_float32_store_of_the_same_values(data, kind, dtype):
+    """Fewer bytes, the same arithmetic: on keys and values that the compact format holds exactly, it and
     the float32 store find the same keys and give the same attention, alone and in a batched call."""
     keys, queries = data
-    keys = torch.from_numpy(keys).bfloat16().float().numpy()  # values bf16 represents exactly
+    if dtype == "bf16":
+        keys = torch.from_numpy(keys).bfloat16().float().numpy()  # values bf16 represents exactly
+    else:  # integers times a power of two per row, each row reaching 127: int8 with that scale holds them
+        ints = np.clip(np.round(keys / np.abs(keys).max(1, keepdims=True) * 127), -127, 127)
+        keys = (ints * 2.0 ** np.random.default_rng(1).integers(-8, -4, (len(keys), 1))).astype(np.float32)
     G, H, k = 1, 2, 20
     knn = exact_topk(queries[:300], keys, 32)[None] if kind == "graph" else None
     got = []
-    for dtype in ("float32", "bf16"):
-        store = OffloadedStore(kind, G, H, 32, IndexParams(dtype=dtype), capacity=len(keys) + 8)
+    for fmt in ("float32", dtype):
+        store = OffloadedStore(kind, G, H, 32, IndexParams(dtype=fmt), capacity=len(keys) + 8)
         store.load(keys[None, :-8], keys[None, :-8], knn)
         store.append(keys[None, -8:], keys[None, -8:])  # evicted later: converted on the way in
         q = queries[300:302]
@@ -202,11 +207,26 @@ def test_a_bf16_store_answers_as_a_float32_store_of_the_same_values(data, kind):
                      BatchScratch(32))
         np.testing.assert_array_equal(ob[0], o)
         np.testing.assert_array_equal(msb[0], np.stack([m, s]))
+        K_back, _ = store.kv_rows(store.n)
+        np.testing.assert_array_equal(store.unpack(K_back).float().numpy()[0], keys)  # read back as stored
         got.append((store.search(q, k)[0], o, m, s, store.K.nbytes))
-    (ids32, o32, m32, s32, b32), (ids16, o16, m16, s16, b16) = got
-    assert (ids16 == ids32).all() and b16 * 2 == b32
-    np.testing.assert_allclose(o16, o32, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(m16, m32, rtol=1e-6)
+    (ids32, o32, m32, s32, b32), (ids_c, o_c, m_c, s_c, b_c) = got
+    assert (ids_c == ids32).all() and b_c * 4 * 32 == b32 * {"bf16": 2 * 32, "int8": 32 + 4}[dtype]
+    np.testing.assert_allclose(o_c, o32, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m_c, m32, rtol=1e-6)
+
+
+def test_int8_rows_keep_every_value_within_half_a_step_of_its_row_scale():
+    from index import pack
+    from index.store import unpack
+
+    x = torch.randn(3, 50, 64) * torch.logspace(-3, 2, 50)[None, :, None]
+    rows = pack(x, "int8")
+    assert rows.dtype == torch.int8 and rows.shape == (3, 50, 68)
+    back = unpack(rows, "int8", 64)
+    step = x.abs().amax(-1, keepdim=True) / 127
+    assert ((back - x).abs() <= step / 2 + 1e-6 * step).all()
+    assert (unpack(pack(torch.zeros(2, 64), "int8"), "int8", 64) == 0).all()
 
 
 def test_occurrences_merged_block_by_block_equal_one_sort():
@@ -277,3 +297,18 @@ def test_a_graph_that_starts_empty_is_searchable_as_keys_are_inserted(data):
     recall = np.mean([len(set(i) & set(t)) / 10 for i, t in zip(ids, truth)])
     assert (store.entries[0] >= 0).all() and recall > 0.8
 
+
+
+def test_batch_scratch_grows_every_list_to_the_widest_search():
+    """Each thread's search lists (scores, ids, flags) are as long as the widest search of a step, however
+    their rows are padded (a list shorter than k once made a flat search with k = all fail)."""
+    from index import kernels
+
+    scratch = BatchScratch(32)
+    for width in (100, 1545, 1561, 1600):
+        part = np.zeros(kernels.PART_FIELDS, np.int64)
+        part[kernels.P_N] = width  # keys in the part; k asks for all of them
+        scratch.fit(request_row(0, 10**6, [part])[None])
+        assert min(a.shape[1] for a in (scratch.cs, scratch.ci, scratch.cx)) >= width
+        assert scratch.visited.shape[1] >= width
+        assert all(a.ctypes.data % 128 == 0 and a.strides[0] % 128 == 0 for a in (scratch.cs, scratch.ci, scratch.cx))
