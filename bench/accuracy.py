@@ -46,12 +46,16 @@ class Run:
     att: AttentionConfig
 
 
-def configs(top_k: int, sweep: list[int], exact: bool) -> list[Run]:
+def configs(top_k: int, sweep: list[int], exact: bool, modes=("streaming", "flat", "hnsw", "retrieval"),
+            store_dtypes=()) -> list[Run]:
     runs = [Run("full", AttentionConfig(mode="full"))]
-    runs += [Run(m, AttentionConfig(mode=m, top_k=top_k)) for m in ("streaming", "flat", "hnsw", "retrieval")]
+    runs += [Run(m, AttentionConfig(mode=m, top_k=top_k)) for m in modes]
     runs += [Run(f"retrieval@{k}", AttentionConfig(mode="retrieval", top_k=k)) for k in sweep if k != top_k]
     if exact:
         runs.append(Run("flat@all", AttentionConfig(mode="flat", top_k=10**9)))
+    # the same modes with compact CPU stores (the runs above keep float32)
+    runs += [Run(f"{m}/{dt}", AttentionConfig(mode=m, top_k=top_k).override(dtype=dt))
+             for dt in store_dtypes for m in modes if m in ("flat", "retrieval")]
     return runs
 
 
@@ -248,6 +252,8 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=12)
     ap.add_argument("--top-k", type=int, default=100)
     ap.add_argument("--sweep", default="32,300")
+    ap.add_argument("--modes", default="streaming,flat,hnsw,retrieval", help="modes beside full")
+    ap.add_argument("--store-dtypes", default="", help="also flat and retrieval with these CPU stores (bf16,int8)")
     ap.add_argument("--exact", action=argparse.BooleanOptionalAction, default=False,
                     help="also run flat with top_k = all (must equal full)")
     ap.add_argument("--http", default="", help="a configuration (e.g. retrieval) to check through a live server")
@@ -269,7 +275,8 @@ def main(argv=None):
         numba.set_num_threads(a.threads)
     engine = Engine(EngineConfig(device="cpu"))
     tasks, lengths = a.tasks.split(","), [int(x) for x in a.lengths.split(",")]
-    runs = configs(a.top_k, [int(x) for x in a.sweep.split(",") if x], a.exact)
+    runs = configs(a.top_k, [int(x) for x in a.sweep.split(",") if x], a.exact, [m for m in a.modes.split(",") if m],
+                   [d for d in a.store_dtypes.split(",") if d])
     for r in runs:
         r.att = r.att.override(threads=a.threads)
     http_run = next((r for r in runs if r.name == a.http), None)

@@ -13,6 +13,7 @@ from numba.extending import intrinsic, overload
 
 NEG_INF = np.float32(-np.inf)
 STAMP_MAX = 2**31 - 2
+STAMP_STRIDE = 32  # batch_attend: thread t's visit stamp is stamps[t * STAMP_STRIDE], on a cache line of its own
 ENTRY_SPACING = 64  # add_nodes: a free entry slot takes every this many-th inserted key
 
 
@@ -79,6 +80,7 @@ def _prefetch_row(X, v):
     a, row = X.ctypes.data + v * X.strides[0], X.strides[0]
     for off in range(0, row, 64):
         _prefetch(a + off)
+    _prefetch(a + row - 1)  # a row that starts late in a line ends in one more (int8 rows of 36 bytes)
 
 
 @intrinsic
@@ -448,10 +450,11 @@ def batch_attend(desc, l, req, G, scale, q, out_o, out_ms, kv_like, visited, sta
                 exact = carray(_u8p(e[D_EXACT]), (H,))
                 occ = carray(_i64p(req[b, f + P_OCC]), (req[b, f + P_OCC_N],))
                 got, _ = _graph_or_exact(qv, Kg, n, kk, adj, entries, exact[h], req[b, f + P_EXACT_MAX], occ,
-                                         req[b, f + P_EF], visited[th], _bump(visited[th], stamps, th), cs[th],
+                                         req[b, f + P_EF], visited[th], _bump(visited[th], stamps, th * STAMP_STRIDE), cs[th],
                                          ci[th], cx[th])
-            m2, s2 = _attend_one(qv, Kg, Vg, ci[th], min(kk, got), scale, tmp[th])
-            m, s = _merge_into(o, m, s, tmp[th], m2, s2)
+            t_o = tmp[th, :d]  # its row is padded past d
+            m2, s2 = _attend_one(qv, Kg, Vg, ci[th], min(kk, got), scale, t_o)
+            m, s = _merge_into(o, m, s, t_o, m2, s2)
         out_ms[r, 0, h], out_ms[r, 1, h] = m, s
 
 

@@ -16,6 +16,7 @@ from . import kernels
 
 KINDS = ("flat", "hnsw", "graph")
 MIN_CAPACITY = 1024  # keys a store has room for from the start
+WRITE_CHUNK = 16384  # tokens packed and copied at a time by `write`
 # bf16 is kept as its bits (uint16): numpy has no bfloat16; the kernels widen each value as they read it.
 # int8: a row's d values, then its float32 scale in 4 more bytes, so that scoring a key is one read.
 STORE_DTYPES = {"float32": np.float32, "bf16": np.uint16, "int8": np.int8}
@@ -89,6 +90,8 @@ class OffloadedStore:
         self.n = 0
         cap = max(capacity, 16)
         self.fmt = store_format(kind, self.p.dtype)
+        if self.fmt == "int8" and head_dim % 4:
+            raise ValueError("int8 stores need a head_dim that is a multiple of 4 (each row's scale is a float32)")
         self.dtype = STORE_DTYPES[self.fmt]
         self.row = row_format(self.fmt, head_dim)[1]
         self.K = np.zeros((self.G, cap, self.row), self.dtype)
@@ -173,9 +176,11 @@ class OffloadedStore:
         """Keys and values (G, m, d), of any float dtype and on any device, into rows start..start+m-1:
         packed where they are (`pack`), then copied straight into the store."""
         m = K.shape[1]
-        _tensor(self.K[:, start: start + m]).copy_(pack(K, self.fmt))
-        if self.V is not None:
-            _tensor(self.V[:, start: start + m]).copy_(pack(V, self.fmt))
+        for a in range(0, m, WRITE_CHUNK):  # int8's packing makes float32 temporaries: a chunk's, not a layer's
+            b = min(m, a + WRITE_CHUNK)
+            _tensor(self.K[:, start + a: start + b]).copy_(pack(K[:, a:b], self.fmt))
+            if self.V is not None:
+                _tensor(self.V[:, start + a: start + b]).copy_(pack(V[:, a:b], self.fmt))
 
     def load(self, K: np.ndarray, V: np.ndarray | None, knn: np.ndarray | None):
         """reserve + write + build, for K/V (G, n, d) float32 already in host memory."""
@@ -365,7 +370,7 @@ class BatchScratch:
 
         T = numba.config.NUMBA_NUM_THREADS  # thread ids are below the pool's size
         self.visited = _rows(T, 0, np.int32)
-        self.stamps = np.zeros(T, np.int32)
+        self.stamps = _rows(T, kernels.STAMP_STRIDE, np.int32).reshape(-1)
         self.cs, self.ci, self.cx = _rows(T, 0, np.float32), _rows(T, 0, np.int64), _rows(T, 0, np.uint8)
         self.tmp = _rows(T, head_dim, np.float32)
         self._fitted = None
@@ -374,7 +379,7 @@ class BatchScratch:
         """Room for the step table req's searches (checked once per table: a step's layers share it)."""
         if req is self._fitted:
             return
-        T = self.stamps.shape[0]
+        T = self.visited.shape[0]
         parts = req[:, 2:].reshape(len(req), kernels.PARTS, kernels.PART_FIELDS)
         n = parts[:, :, kernels.P_N]
         width = int(max(parts[:, :, kernels.P_EF].max(initial=0), np.minimum(req[:, None, kernels.R_K], n).max(initial=0)))
