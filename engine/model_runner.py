@@ -135,7 +135,6 @@ class ModelRunner:
             sampled.append(None if rows is None else (
                 rows, rows.to(self.device),
                 torch.empty(len(rows), s.n_heads, s.head_dim, device=self.device, dtype=m.dtype)))
-        attn = torch.empty(N - c, s.n_heads, s.head_dim, device=self.device, dtype=m.dtype)
         k_all = torch.empty(N, s.n_kv_heads, s.head_dim, device=self.device, dtype=m.dtype)
         v_all = torch.empty_like(k_all)
         for l in range(s.n_layers):
@@ -153,13 +152,13 @@ class ModelRunner:
                 o = F.scaled_dot_product_attention(
                     q.transpose(0, 1)[None], k_all[:b].transpose(0, 1)[None], v_all[:b].transpose(0, 1)[None],
                     attn_mask=causal_lower_right(b - a, b), enable_gqa=True)
-                attn[a - c:b - c] = o[0].transpose(0, 1)
+                # the chunk's layer output at once, in place: its input rows are no other chunk's, and no
+                # attention output of the whole prompt is kept (N x hidden on the device)
+                m.finish_layer(l, h[a - c:b - c], o[0].transpose(0, 1))
                 yield l
             for kv, smp in zip(kvs, sampled):
                 futures += kv.place_prefill(l, k_all, v_all, smp[2] if smp else None, self.pool)
-            for a in range(0, N - c, self.chunk):
-                m.finish_layer(l, h[a:a + self.chunk], attn[a:a + self.chunk])
-                yield l if a + self.chunk < N - c else l + 1
+            yield l + 1
         logits = m.logits(h[-1])
         t1 = time.perf_counter()
         pending = futures
