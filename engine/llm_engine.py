@@ -35,7 +35,7 @@ from .kv import SequenceKV, StaticPools, entry_bytes, host_bytes, static_slots
 from .logging_context import request_id
 from .loader import EMBEDDED, load_model
 from .model_runner import ModelRunner, PrefillStats
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler
 from .scheduler import QueueFull, Scheduler
 from .sequence import Request, Sequence, StepOutput
 

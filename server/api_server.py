@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.attention import AttentionConfig
-from engine.llm_engine import Engine, EngineConfig, EngineUnavailable, NoTokenizer, QueueFull
+from engine.llm_engine import Engine, EngineConfig, EngineUnavailable, QueueFull
 from engine.sampling import SamplingParams
 from engine.sequence import Request as EngineRequest
 from engine.sequence import StepOutput

@@ -162,7 +162,7 @@ def cmd_generate(ns):
         if out.finish_reason:
             if out.error:
                 raise SystemExit(f"\nrattn: {out.error}")
-            n, dt = out.num_generated, time.perf_counter() - t
+            n = out.num_generated
             print(f"\n[{out.finish_reason}] prompt {len(ids)} tokens, {n} generated, first token after "
                   f"{first - t:.2f}s, {max(n - 1, 0) / max(time.perf_counter() - first, 1e-9):.2f} tok/s",
                   file=sys.stderr)

@@ -1,11 +1,9 @@
 """No request can hang, kill or starve the engine: each fault of the reliability issue, at the engine."""
 import logging
-import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 import torch
 

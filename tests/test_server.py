@@ -1,5 +1,4 @@
 """The HTTP API through the official openai SDK against a live uvicorn server on 127.0.0.1."""
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
