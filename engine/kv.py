@@ -260,6 +260,7 @@ class SequenceKV:
         self.n_offloaded = 0  # keys in each layer's store, once its pending inserts are done
         self.executor: Executor | None = None  # where evicted blocks are inserted (the runner sets it; None: inline)
         self._inserts: list[Future] = []  # per layer: the last evicted block's insertion
+        self._insert_s = 0.0  # seconds of the insertions waited for since take_insert_seconds
         self._retrieval_s = 0.0
         self._retrieval_calls = 0
         self._desc: tuple[int, np.ndarray] | None = None  # (own stores' versions, describe's table)
@@ -424,7 +425,7 @@ class SequenceKV:
             kh, vh = self.evict_k, self.evict_v
             if self.executor is None:
                 for l, store in enumerate(self.stores):
-                    store.append_rows(kh[l], vh[l])
+                    self._insert_s += store.append_rows(kh[l], vh[l])
             else:
                 self._inserts = [self.executor.submit(store.append_rows, kh[l], vh[l])
                                  for l, store in enumerate(self.stores)]
@@ -438,7 +439,7 @@ class SequenceKV:
         wait(self._inserts)  # all of them, even if one failed: free() then has none to wait for
         inserts, self._inserts = self._inserts, []
         for f in inserts:
-            f.result()
+            self._insert_s += f.result()
 
     def write(self, l: int, slot: int, k: torch.Tensor, v: torch.Tensor):
         self.k[l, :, slot] = k
@@ -505,8 +506,10 @@ class SequenceKV:
         return secs / calls if calls else 0.0
 
     def take_insert_seconds(self) -> float:
-        """Core-seconds the stores spent inserting evicted blocks since the last call."""
-        return sum(st.take_insert_seconds() for st in self.stores) if self.stores is not None else 0.0
+        """Core-seconds of the evicted blocks' insertions, counted once they are waited for (at the next
+        eviction), since the last call."""
+        secs, self._insert_s = self._insert_s, 0.0
+        return secs
 
     def build_seconds(self) -> float:
         return sum(s.build_seconds for s in self.stores) if self.stores is not None else 0.0

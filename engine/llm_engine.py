@@ -134,7 +134,7 @@ class DecodeStepStats:
     requests: int
     lookup_s_per_layer: float  # one layer's CPU lookups (one call for every request; 0: none)
     wait_s: float           # the host waiting for the device inside the step
-    insert_s: float         # core-seconds of index insertions finished since the last step (background)
+    insert_s: float         # core-seconds of index insertions (background), counted when waited for
 
 
 class EngineObserver(Protocol):

@@ -102,7 +102,6 @@ class OffloadedStore:
             self.entries = np.full((self.A, self.p.entries), -1, np.int32)
         self.hnsw: list = []
         self.build_seconds = 0.0
-        self.insert_seconds = 0.0  # appends since take_insert_seconds (one append at a time per store)
         self.counts = np.zeros(self.H, np.int64)
         self.exact = np.zeros(self.H, np.uint8) if exact_heads is None else np.asarray(exact_heads, np.uint8)
         self.no_occ = np.empty(0, np.int64)
@@ -219,12 +218,12 @@ class OffloadedStore:
         K_new, V_new = torch.as_tensor(K_new), (torch.as_tensor(V_new) if V_new is not None else None)
         self.append_rows(pack(K_new, self.fmt), pack(V_new, self.fmt) if V_new is not None else None)
 
-    def append_rows(self, K_new: torch.Tensor, V_new: torch.Tensor | None):
+    def append_rows(self, K_new: torch.Tensor, V_new: torch.Tensor | None) -> float:
         """Insert keys that slid out of the device window, as rows of this store's format (G, b, row) (the
-        engine packs them on the device). They become searchable at once."""
+        engine packs them on the device). They become searchable at once. -> seconds it took."""
         b = K_new.shape[1]
         if b == 0:
-            return
+            return 0.0
         t0 = time.perf_counter()
         start, end = self.n, self.n + b
         if self.pinned and end > self.capacity:  # a batch_attend may be reading the arrays right now
@@ -243,11 +242,7 @@ class OffloadedStore:
         elif self.kind == "hnsw":
             for g, ix in enumerate(self.hnsw):
                 ix.add_items(self.K[g, start:end], np.arange(start, end))
-        self.insert_seconds += time.perf_counter() - t0
-
-    def take_insert_seconds(self) -> float:
-        secs, self.insert_seconds = self.insert_seconds, 0.0
-        return secs
+        return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ search
     def _ensure_width(self, rows: int, k: int):

@@ -50,6 +50,7 @@ def test_generation_past_the_window_stays_exact(engine, long_prompt, mode):
         tokens.append(int(torch.argmax(logits)))
         logits = engine.runner.decode(tokens[-1], len(long_prompt) + i, kv, ALL)
     assert kv.offloaded_tokens() > n0  # evicted tokens were inserted
+    assert kv.take_insert_seconds() > 0 and kv.take_insert_seconds() == 0  # their time, counted once
     assert tokens == full
 
 
