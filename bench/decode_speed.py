@@ -6,6 +6,11 @@ CPU, embedded model, a real 3.5K-token prompt:
 GPU machine, Llama-3-8B shape with random bf16 weights, 24 GB card emulated:
     python bench/decode_speed.py --model llama-3-8b --load-format dummy --device cuda --context 32768 \
         --gpu-mem-gb 24 --out bench/results/decode_speed_h200_32k.json
+Decode at 1M tokens beside 128K in one run, with an int8 store and the benchmark-only local prefill
+(attention restricted to --local-window keys back, so that its cost is linear in the prompt; the K/V,
+build queries, stores and index come from the normal path):
+    python bench/decode_speed.py --model llama-3.1-8b --load-format dummy --device cuda --gpu-mem-gb 24 \
+        --context 131072,1048576 --prefill-attention local --kv-store-dtype int8 --modes retrieval
 """
 from __future__ import annotations
 
@@ -36,6 +41,11 @@ def prompt_ids(engine: Engine, n: int, seed: int) -> list[int]:
         return engine.encode_chat(passkey(engine.tokenizer, n, seed).messages)
     g = torch.Generator().manual_seed(seed)
     return torch.randint(100, engine.shape.vocab_size - 100, (n,), generator=g).tolist()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def sync(dev: torch.device):
@@ -106,6 +116,9 @@ def lookup_profile(engine: Engine, kv: SequenceKV, token: int, pos: int, top_k: 
 
 def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int, profile: int = 0,
              graphs: bool = True, profile_lookups: bool = False) -> dict:
+    import gc
+
+    gc.collect()  # the last mode's stores are gone before this one's fill host memory
     dev = engine.device
     engine.runner.use_graphs = graphs
     if dev.type == "cuda":
@@ -117,7 +130,14 @@ def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int, p
                         engine.pools)
         sync(dev)
         t0 = time.perf_counter()
-        logits, stats = engine.runner.prefill(ids, kv)
+        last = [t0]
+
+        def progress(l: int):  # a long prefill shows where it is (a run cut short says how far it got)
+            if time.perf_counter() - last[0] > 30:
+                last[0] = time.perf_counter()
+                print(f"  {att.mode} {len(ids)}: layer {l + 1} after {last[0] - t0:.0f} s", file=sys.stderr, flush=True)
+
+        logits, stats = engine.runner.prefill(ids, kv, on_layer=progress)
         sync(dev)
         ttft = time.perf_counter() - t0
         tokens, lat, retr, host, wait = [int(torch.argmax(logits))], [], [], [], []
@@ -138,6 +158,7 @@ def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int, p
         n_cpu = sum(1 for st in kv.stores or [] if st.n > 0)
         out = {
             "mode": att.mode, "top_k": att.top_k, "status": "ok", "prompt_tokens": len(ids),
+            "kv_store_dtype": att.index.dtype if att.store_kind else None,
             "cuda_graphs": graphs and engine.pools.fixed is not None and kv.pool is engine.pools.fixed,
             "copy_threshold": att.copy_threshold, "exact_heads": int(sum(s.exact.sum() for s in kv.stores or [])),
             "ttft_s": round(ttft, 4), "prefill_compute_s": round(stats.compute_s, 4),
@@ -152,7 +173,7 @@ def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int, p
             "split": {"host_ms": med_ms(host), "cpu_retrieval_ms": round(med_ms(retr) * n_cpu, 3),
                       "host_wait_for_device_ms": med_ms(wait), "device_tail_ms": round(med_ms(lat) - med_ms(host), 3),
                       "layers_with_cpu_part": n_cpu},
-            "cpu_store_bytes": kv.cpu_bytes(), "tokens": tokens,
+            "cpu_store_bytes": kv.cpu_bytes(), "host_rss_gb": round(_rss_bytes() / 2**30, 2), "tokens": tokens,
         }
         if profile_lookups and kv.stores is not None and kv.n_offloaded:
             out["lookup_profile"] = lookup_profile(engine, kv, tokens[-1], len(ids) + steps, att.top_k)
@@ -177,7 +198,14 @@ def main(argv=None):
     ap.add_argument("--load-format", default="auto")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--context", type=int, default=3500)
+    ap.add_argument("--context", default="3500", help="prompt tokens; a comma-separated list runs each in turn")
+    ap.add_argument("--prefill-attention", choices=("full", "local"), default="full",
+                    help="local: benchmark-only prefill whose attention reaches --local-window keys back")
+    ap.add_argument("--local-window", type=int, default=4096)
+    ap.add_argument("--kv-store-dtype", default=None, help="every mode's CPU store dtype (default: the engine's)")
+    ap.add_argument("--admission", default="",
+                    help="comma-separated context:dtype pairs: does the engine admit a retrieval request of that "
+                         "prompt (and --steps tokens) within its default host budget? e.g. 1048576:bf16")
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--top-k", type=int, default=100)
     ap.add_argument("--modes", default=",".join(MODES))
@@ -202,46 +230,71 @@ def main(argv=None):
     if a.gpu_mem_gb and a.device.startswith("cuda"):
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_mem_gb * 2**30 / total))
+    contexts = [int(x) for x in a.context.split(",")]
     t = time.perf_counter()
+    admission = [(int(n), dt) for n, dt in (x.split(":") for x in a.admission.split(",") if x)]
     engine = Engine(EngineConfig(model=a.model, load_format=a.load_format, device=a.device, dtype=a.dtype,
-                                 max_num_seqs=1, cuda_graphs=a.cuda_graphs != "off"))
+                                 max_num_seqs=1, cuda_graphs=a.cuda_graphs != "off",
+                                 max_model_len=max(contexts + [n for n, _ in admission]) + a.steps + 64))
     load_s = time.perf_counter() - t
-    ids = prompt_ids(engine, a.context, 0)
-    results = []
-    variants = [{k: int(x) if x.isdigit() else x for k, x in (kv.split("=") for kv in v.split(",") if kv)}
-                for v in a.graph.split(";")]
-    for mode in a.modes.split(","):
-        retrieval = mode == "retrieval"
-        for ct in [float(x) for x in a.copy_thresholds.split(",")] if retrieval else [0.1]:
-            for graph in variants if retrieval else [{}]:
-                att = AttentionConfig(mode=mode, top_k=a.top_k, copy_threshold=ct).override(**graph)
-                for graphs in {"on": [True], "off": [False], "both": [True, False]}[a.cuda_graphs]:
-                    r = run_mode(engine, ids, att, a.steps, a.profile_steps, graphs, a.profile_lookups)
-                    if retrieval:
-                        r["graph"] = {"ef": att.index.ef, "degree": att.index.degree, "knn": att.index.knn,
-                                      "queries_per_head": att.graph_queries(len(ids)), "kv_store_dtype": att.index.dtype}
-                    print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
-                    results.append(r)
-    exact = None
-    if a.check_exact:
-        flat_all = run_mode(engine, ids, AttentionConfig(mode="flat", top_k=ALL), min(a.steps, 16))
-        full = next((r for r in results if r["mode"] == "full" and r["status"] == "ok"), None)
-        if full is None:  # full did not fit the cap: compare without it
-            full = run_mode(engine, ids, AttentionConfig(mode="full"), min(a.steps, 16))
-        n = min(len(flat_all.get("tokens", [])), len(full.get("tokens", [])))
-        exact = {"flat_all_tokens": flat_all.get("tokens"), "full_tokens": full.get("tokens"),
-                 "same_greedy_tokens": n > 0 and flat_all["tokens"][:n] == full["tokens"][:n], "compared": n,
-                 "flat_all_decode_ms_median": flat_all.get("decode_ms_median")}
-        print(json.dumps({k: v for k, v in exact.items() if "tokens" not in k or k == "same_greedy_tokens"}))
+    if a.prefill_attention == "local":
+        engine.runner.prefill_window = a.local_window
+    base = engine.config.attention.override(dtype=a.kv_store_dtype)
+    admitted = []
+    for n, dt in admission:  # the engine's own check, as a request would meet it (nothing runs)
+        try:
+            need = engine.admit_host_bytes(n, a.steps, base.override(mode="retrieval", dtype=dt))
+            admitted.append({"context": n, "kv_store_dtype": dt, "admitted": True, "host_bytes": need})
+        except ValueError as e:
+            admitted.append({"context": n, "kv_store_dtype": dt, "admitted": False, "error": str(e)})
+        admitted[-1]["budget_bytes"] = engine.cpu_kv_budget
+        print(json.dumps(admitted[-1]), flush=True)
+    results, exact = [], []
     env = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
            "device": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else platform.processor() or "cpu",
            "gpu_mem_cap_gb": a.gpu_mem_gb}
     report = {"bench": "decode_speed", "model": a.model, "load_format": a.load_format, "dtype": engine.config.dtype,
-              "context": len(ids), "steps": a.steps, "load_s": round(load_s, 2), "env": env,
+              "contexts": contexts, "steps": a.steps, "load_s": round(load_s, 2), "env": env,
+              "prefill_attention": a.prefill_attention if a.prefill_attention == "full" else
+              f"local ({a.local_window} keys back; benchmark-only)", "admission": admitted,
               "command": "python bench/decode_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "modes": results, "exactness": exact}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(report, indent=1))
+
+    def save():  # after every result: a run cut short keeps what it measured
+        Path(a.out).write_text(json.dumps(report, indent=1))
+
+    variants = [{k: int(x) if x.isdigit() else x for k, x in (kv.split("=") for kv in v.split(",") if kv)}
+                for v in a.graph.split(";")]
+    for n_ctx in contexts:
+        ids = prompt_ids(engine, n_ctx, 0)
+        for mode in a.modes.split(","):
+            retrieval = mode == "retrieval"
+            for ct in [float(x) for x in a.copy_thresholds.split(",")] if retrieval else [0.1]:
+                for graph in variants if retrieval else [{}]:
+                    att = base.override(mode=mode, top_k=a.top_k, copy_threshold=ct, **graph)
+                    for graphs in {"on": [True], "off": [False], "both": [True, False]}[a.cuda_graphs]:
+                        r = run_mode(engine, ids, att, a.steps, a.profile_steps, graphs, a.profile_lookups)
+                        if retrieval:
+                            r["graph"] = {"ef": att.index.ef, "degree": att.index.degree, "knn": att.index.knn,
+                                          "queries_per_head": att.graph_queries(len(ids))}
+                        print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
+                        results.append(r)
+                        save()
+        if a.check_exact:
+            ran = [r for r in results if r["prompt_tokens"] == len(ids)]
+            flat_all = run_mode(engine, ids, AttentionConfig(mode="flat", top_k=ALL), min(a.steps, 16))
+            full = next((r for r in ran if r["mode"] == "full" and r["status"] == "ok"), None)
+            if full is None:  # full did not run or fit the cap: compare without it
+                full = run_mode(engine, ids, AttentionConfig(mode="full"), min(a.steps, 16))
+            n = min(len(flat_all.get("tokens", [])), len(full.get("tokens", [])))
+            exact.append({"context": len(ids), "flat_all_tokens": flat_all.get("tokens"),
+                          "full_tokens": full.get("tokens"),
+                          "same_greedy_tokens": n > 0 and flat_all["tokens"][:n] == full["tokens"][:n],
+                          "compared": n, "flat_all_decode_ms_median": flat_all.get("decode_ms_median")})
+            print(json.dumps({k: v for k, v in exact[-1].items() if "tokens" not in k or k == "same_greedy_tokens"}))
+            save()
+    save()
     print("wrote", a.out)
     engine.shutdown()
 

@@ -373,7 +373,7 @@ class SequenceKV:
         store.write(0, k_mid, v.transpose(0, 1))
         knn = None
         if store.kind == "graph":  # from the keys as the model made them (the store may keep them compact)
-            knn = graph_knn(q_rows.float(), k_mid.float().contiguous(), self.cfg.index.knn, self.cfg.index.per_head)
+            knn = graph_knn(q_rows.float(), k_mid, self.cfg.index.knn, self.cfg.index.per_head)
         return [pool.submit(store.build, m, knn)]
 
     # ------------------------------------------------------------------ decode

@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 import torch
 
-from index import warm_up
+from index import store_format, warm_up
 
 from .attention import AttentionConfig
 from .detokenize import IncrementalDetokenizer
@@ -224,6 +224,18 @@ class Engine:
         return lo
 
     # ------------------------------------------------------------------ public API
+    def admit_host_bytes(self, prompt_len: int, max_tokens: int, attention: AttentionConfig) -> int:
+        """The host memory a request may need (kv.host_bytes); ValueError, giving it and the budget, if it
+        can never fit within --cpu-kv-budget."""
+        need = host_bytes(self.shape, attention, prompt_len, prompt_len + max_tokens)
+        if need > self.cpu_kv_budget:
+            raise ValueError(f"this request may need {_size(need)} of host memory for its offloaded K/V and index "
+                             f"({prompt_len} prompt tokens + {max_tokens} to generate, {attention.mode} mode, "
+                             f"{store_format(attention.store_kind, attention.index.dtype)} store), more than the server's budget of "
+                             f"{_size(self.cpu_kv_budget)} (--cpu-kv-budget); a shorter prompt or fewer tokens to "
+                             f"generate would fit")
+        return need
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok().encode(text, add_special_tokens=add_special_tokens)
 
@@ -253,12 +265,7 @@ class Engine:
         if max(request.prompt_ids) >= self.shape.vocab_size or min(request.prompt_ids) < 0:
             raise ValueError("prompt token ids out of the vocabulary")
         seq = Sequence(request, request.attention or self.config.attention, on_output)
-        seq.host_bytes = host_bytes(self.shape, seq.attention, n, n + mt)
-        if seq.host_bytes > self.cpu_kv_budget:
-            raise ValueError(f"this request may need {_size(seq.host_bytes)} of host memory for its offloaded K/V "
-                             f"and index ({n} prompt tokens + {mt} to generate, {seq.attention.mode} mode), more "
-                             f"than the server's budget of {_size(self.cpu_kv_budget)} (--cpu-kv-budget); "
-                             f"a shorter prompt or fewer tokens to generate would fit")
+        seq.host_bytes = self.admit_host_bytes(n, mt, seq.attention)
         if self.config.request_timeout:
             seq.deadline = seq.arrival + self.config.request_timeout
         with self._lock:

@@ -86,6 +86,15 @@ class Transformer:
         cos, sin = self.rotary(self.embed[:1], positions[None])
         return cos[0, :, None, :], sin[0, :, None, :]  # (T, 1, d): broadcast over heads
 
+    def rope_of(self, start: int, end: int):
+        """-> rope(a, b): the (cos, sin) of positions [a, b) within [start, end), made per call, so that a
+        long prompt never holds its whole table; except for dynamic RoPE, whose table depends on the
+        largest position of the call: it is made once for [start, end), as a single forward pass would."""
+        if "dynamic" in getattr(self.rotary, "rope_type", ""):
+            cos, sin = self.rope(torch.arange(start, end, device=self.device))
+            return lambda a, b: (cos[a - start: b - start], sin[a - start: b - start])
+        return lambda a, b: self.rope(torch.arange(a, b, device=self.device))
+
     def qkv(self, l: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """h (T, D) -> roped q (T, H, d), k (T, G, d), v (T, G, d)."""
         s, w = self.shape, self.layers[l]

@@ -27,6 +27,7 @@ from .kv import SequenceKV, StaticPool
 from .model import Transformer
 
 
+HIDDEN_DEVICE_BYTES = 512 * 2**20
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -76,6 +77,10 @@ class ModelRunner:
         self.scratch = BatchScratch(model.shape.head_dim)  # the batched lookups' search lists, per CPU thread
         self._to_device = _HostToDevice(self.device)  # a cached document's K/V, on their way to a prefill
         self._wait_s = 0.0
+        # a prefill's hidden states stay on the device up to this size; a longer prompt's live in host memory
+        # and pass through the device a chunk at a time (the device then holds one layer's K/V and chunks)
+        self.hidden_device_bytes = HIDDEN_DEVICE_BYTES if self.device.type == "cuda" else float("inf")
+        self.prefill_window = 0  # benchmarks only: > 0 restricts prefill attention to this many keys back
 
     def prefill(self, ids: list[int], kv: SequenceKV, capture=None,
                 on_layer: Callable[[int], None] | None = None) -> tuple[torch.Tensor, PrefillStats]:
@@ -125,8 +130,9 @@ class ModelRunner:
         c = kvs[0].prefix_len
         assert all(kv.prefix_len == c for kv in kvs), "one prefill serves one cached prefix"
         entry = kvs[0].hit
-        h = m.embed[torch.tensor(ids[c:], device=self.device)]
-        cos, sin = m.rope(torch.arange(c, N, device=self.device))
+        on_host = (N - c) * s.hidden_size * m.dtype.itemsize > self.hidden_device_bytes
+        h = _PrefillHidden(m, ids[c:], self.chunk, on_host)
+        rope = m.rope_of(c, N)
         sampled = []  # per kv: (rows on host, rows on device, gathered queries) for a graph build, else None
         for kv in kvs:
             kv.executor = self.insert_pool
@@ -137,29 +143,36 @@ class ModelRunner:
                 torch.empty(len(rows), s.n_heads, s.head_dim, device=self.device, dtype=m.dtype)))
         k_all = torch.empty(N, s.n_kv_heads, s.head_dim, device=self.device, dtype=m.dtype)
         v_all = torch.empty_like(k_all)
-        for l in range(s.n_layers):
-            if c:
-                entry.copy_prefix(l, c, k_all[:c], v_all[:c], self._to_device)
-            for a in range(c, N, self.chunk):
-                b = min(N, a + self.chunk)
-                q, k, v = m.qkv(l, h[a - c:b - c], cos[a - c:b - c], sin[a - c:b - c])
-                k_all[a:b], v_all[a:b] = k, v
-                if capture is not None:
-                    capture(l, a, q, k)
-                for rows, rows_dev, q_rows in filter(None, sampled):
-                    lo, hi = torch.searchsorted(rows, torch.tensor([a, b])).tolist()
-                    q_rows[lo:hi] = q[rows_dev[lo:hi] - a]
-                o = F.scaled_dot_product_attention(
-                    q.transpose(0, 1)[None], k_all[:b].transpose(0, 1)[None], v_all[:b].transpose(0, 1)[None],
-                    attn_mask=causal_lower_right(b - a, b), enable_gqa=True)
-                # the chunk's layer output at once, in place: its input rows are no other chunk's, and no
-                # attention output of the whole prompt is kept (N x hidden on the device)
-                m.finish_layer(l, h[a - c:b - c], o[0].transpose(0, 1))
-                yield l
-            for kv, smp in zip(kvs, sampled):
-                futures += kv.place_prefill(l, k_all, v_all, smp[2] if smp else None, self.pool)
-            yield l + 1
-        logits = m.logits(h[-1])
+        try:
+            for l in range(s.n_layers):
+                if c:
+                    entry.copy_prefix(l, c, k_all[:c], v_all[:c], self._to_device)
+                for i, a in enumerate(range(c, N, self.chunk)):
+                    b = min(N, a + self.chunk)
+                    x = h.load(l, i)
+                    q, k, v = m.qkv(l, x, *rope(a, b))
+                    k_all[a:b], v_all[a:b] = k, v
+                    if capture is not None:
+                        capture(l, a, q, k)
+                    for rows, rows_dev, q_rows in filter(None, sampled):
+                        lo, hi = torch.searchsorted(rows, torch.tensor([a, b])).tolist()
+                        q_rows[lo:hi] = q[rows_dev[lo:hi] - a]
+                    lo = max(0, a - self.prefill_window) if self.prefill_window else 0
+                    o = F.scaled_dot_product_attention(
+                        q.transpose(0, 1)[None], k_all[lo:b].transpose(0, 1)[None],
+                        v_all[lo:b].transpose(0, 1)[None], attn_mask=causal_lower_right(b - a, b - lo),
+                        enable_gqa=True)
+                    # the chunk's layer output at once, in place: its input rows are no other chunk's, and no
+                    # attention output of the whole prompt is kept (N x hidden on the device)
+                    m.finish_layer(l, x, o[0].transpose(0, 1))
+                    h.store(l, i)
+                    yield l
+                for kv, smp in zip(kvs, sampled):
+                    futures += kv.place_prefill(l, k_all, v_all, smp[2] if smp else None, self.pool)
+                yield l + 1
+            logits = m.logits(h.last())
+        finally:
+            h.close()
         t1 = time.perf_counter()
         pending = futures
         while pending:  # a failed build fails the request; the wait yields, so it keeps the heartbeat
@@ -380,6 +393,97 @@ class ModelRunner:
         """Seconds the host waited for the device (each layer's query copy) since the last call."""
         secs, self._wait_s = self._wait_s, 0.0
         return secs
+
+
+class _PrefillHidden:
+    """A prefill's hidden states (n, D), chunk by chunk: `load(l, i)` gives chunk i's rows on the device
+    for layer l, which the layer updates in place, and `store(l, i)` is told when it is done.
+
+    On the device (`on_host` False) the chunks are views of one tensor. Otherwise they live in pinned host
+    memory and pass through a ring of chunk buffers: a side stream copies the next chunk in while the
+    layer works on this one and copies each done chunk back, so the device holds a few chunks, not the
+    prompt (8 GB in bf16 at 1M tokens of an 8B model). The host memory is pinned by registering it, not
+    taken from torch's pinned cache, which would keep it after the prefill."""
+
+    SLOTS = 3  # in flight: the chunk being copied in, the one being worked on, the one being copied back
+
+    def __init__(self, model: Transformer, ids: list[int], chunk: int, on_host: bool):
+        dev = model.device
+        self.chunk, self.n, self.streamed, self.pinned = chunk, len(ids), on_host, False
+        self.chunks = -(-self.n // chunk)
+        self.total = model.shape.n_layers * self.chunks  # chunks over all layers
+        idx = torch.tensor(ids, device=dev)
+        if not on_host:
+            self.h, self.stream = model.embed[idx], None
+            return
+        self.h = torch.empty(self.n, model.shape.hidden_size, dtype=model.dtype)
+        self.pinned = dev.type == "cuda" and int(torch.cuda.cudart().cudaHostRegister(
+            self.h.data_ptr(), self.h.nbytes, 0)) == 0  # else: pageable, slower copies, same results
+        for a in range(0, self.n, chunk):
+            self.h[a: a + chunk] = model.embed[idx[a: a + chunk]].cpu()
+        self.bufs = [torch.empty(min(chunk, self.n), self.h.shape[1], dtype=model.dtype, device=dev)
+                     for _ in range(self.SLOTS)]
+        self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        if self.stream is not None:
+            for b in self.bufs:
+                b.record_stream(self.stream)  # freed early (a closed prefill): not reused while it copies
+        self.ready: dict[int, torch.cuda.Event | None] = {}  # chunk j (over all layers) -> copied in
+        self.issued = 0  # chunks j < issued are copied in, or on their way
+
+    def _rows(self, j: int) -> tuple[int, int, torch.Tensor]:
+        a = (j % self.chunks) * self.chunk
+        b = min(self.n, a + self.chunk)
+        return a, b, self.bufs[j % self.SLOTS][: b - a]
+
+    def _copy_in(self, j: int):
+        a, b, buf = self._rows(j)
+        if self.stream is None:
+            buf.copy_(self.h[a:b])
+            self.ready[j] = None
+            return
+        with torch.cuda.stream(self.stream):  # after chunk j - SLOTS's copy back, queued earlier on this stream
+            buf.copy_(self.h[a:b], non_blocking=True)
+            self.ready[j] = torch.cuda.Event()
+            self.ready[j].record()
+
+    def load(self, l: int, i: int) -> torch.Tensor:
+        if not self.streamed:
+            return self.h[i * self.chunk: (i + 1) * self.chunk]
+        j = l * self.chunks + i
+        while self.issued <= min(j + 1, self.total - 1):  # this chunk and the next
+            self._copy_in(self.issued)
+            self.issued += 1
+        ev = self.ready.pop(j)
+        if ev is not None:
+            torch.cuda.current_stream().wait_event(ev)
+        return self._rows(j)[2]
+
+    def store(self, l: int, i: int):
+        if not self.streamed:
+            return
+        a, b, buf = self._rows(l * self.chunks + i)
+        if self.stream is None:
+            self.h[a:b] = buf
+            return
+        self.stream.wait_stream(torch.cuda.current_stream())  # the layer's work on the chunk is queued
+        with torch.cuda.stream(self.stream):
+            self.h[a:b].copy_(buf, non_blocking=True)
+
+    def last(self) -> torch.Tensor:
+        """The last position's hidden state, on the device (after the last layer)."""
+        if not self.streamed:
+            return self.h[-1]
+        if self.stream is not None:
+            self.stream.synchronize()
+        return self.h[-1].to(self.bufs[0].device)
+
+    def close(self):
+        """The copies are over before the host memory goes."""
+        if self.stream is not None:
+            self.stream.synchronize()
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.h.data_ptr())
+            self.pinned = False
 
 
 class _HostToDevice:

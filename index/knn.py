@@ -12,7 +12,8 @@ def exact_topk(queries, keys, L: int, chunk_elems: int = 1 << 26) -> np.ndarray:
     heads: on CPU it beats one strided bmm), whose scores stay within chunk_elems floats (256 MB), so
     that a long prompt's build fits beside it."""
     q = torch.as_tensor(queries)
-    k = torch.as_tensor(keys).to(q.device, q.dtype)
+    k = torch.as_tensor(keys).to(q.device)  # in q's dtype one head at a time: a long prompt's float32 keys
+    # would take as much device memory as the layer's K and V together (4 GB at 1M tokens, 8 KV heads)
     single = q.dim() == 2
     if single:
         q, k = q[None], k[None]
@@ -21,8 +22,9 @@ def exact_topk(queries, keys, L: int, chunk_elems: int = 1 << 26) -> np.ndarray:
     chunk = max(1, chunk_elems // max(1, n))
     out = torch.empty((B, q.shape[1], L), dtype=torch.int64, device=q.device)
     for b in range(B):
+        kb = k[b].to(q.dtype).contiguous()
         for s in range(0, q.shape[1], chunk):
-            out[b, s:s + chunk] = (q[b, s:s + chunk] @ k[b].T).float().topk(L, dim=1).indices
+            out[b, s:s + chunk] = (q[b, s:s + chunk] @ kb.T).float().topk(L, dim=1).indices
     out = out.cpu().numpy()
     return out[0] if single else out
 

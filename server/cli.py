@@ -24,9 +24,10 @@ ENGINE_FLAGS = {
     "sink": (int, 128, "first tokens kept on the device"),
     "window": (int, 512, "last tokens kept on the device"),
     "ef": (int, 128, "index search list size"),
-    "kv_store_dtype": (str, "float32", "offloaded K/V in host memory: float32 | bf16 (half the bytes) | int8 (a "
-                                       "quarter, plus a scale per token and KV head); flat and graph stores, "
-                                       "hnswlib's stays float32"),
+    "kv_store_dtype": (str, "auto", "offloaded K/V in host memory: auto (bf16 for a bfloat16 model, as on CUDA: "
+                                    "its K/V lose nothing; else float32) | float32 | bf16 (half the bytes) | int8 "
+                                    "(a quarter, plus a scale per token and KV head); flat and graph stores, "
+                                    "hnswlib's stays float32"),
     "graph_degree": (int, 24, "graph index: edges per key (memory: 4 bytes each per key and KV head)"),
     "graph_knn": (int, 64, "graph index: exact top keys of each prefill query that shape the graph"),
     "graph_query_stride": (int, 32, "graph index: one prefill query per head shapes it for every this many "
@@ -120,13 +121,18 @@ def engine_config(a: dict):
     att = AttentionConfig(mode=a["attention"], top_k=a["retrieve_k"], sink=a["sink"], window=a["window"],
                           max_queries=a["graph_queries"], query_stride=a["graph_query_stride"],
                           copy_threshold=a["copy_threshold"])
-    att = att.override(ef=a["ef"], degree=a["graph_degree"], knn=a["graph_knn"], dtype=a["kv_store_dtype"])
-    return EngineConfig(model=a["model"], load_format=a["load_format"], device=a["device"], dtype=a["dtype"],
-                        attention=att, max_model_len=a["max_model_len"], max_queue=a.get("max_queue", 64),
-                        cpu_threads=a["cpu_threads"], request_timeout=a["request_timeout"],
-                        stall_timeout=a["stall_timeout"], max_num_seqs=a["max_num_seqs"],
-                        prefill_slice=a["prefill_slice"], cuda_graphs=bool(a["cuda_graphs"]),
-                        cpu_kv_budget_gb=a["cpu_kv_budget"], doc_cache_gb=a["doc_cache_gb"])
+    store = a["kv_store_dtype"]
+    att = att.override(ef=a["ef"], degree=a["graph_degree"], knn=a["graph_knn"],
+                       dtype=None if store == "auto" else store)
+    cfg = EngineConfig(model=a["model"], load_format=a["load_format"], device=a["device"], dtype=a["dtype"],
+                       attention=att, max_model_len=a["max_model_len"], max_queue=a.get("max_queue", 64),
+                       cpu_threads=a["cpu_threads"], request_timeout=a["request_timeout"],
+                       stall_timeout=a["stall_timeout"], max_num_seqs=a["max_num_seqs"],
+                       prefill_slice=a["prefill_slice"], cuda_graphs=bool(a["cuda_graphs"]),
+                       cpu_kv_budget_gb=a["cpu_kv_budget"], doc_cache_gb=a["doc_cache_gb"])
+    if store == "auto":  # the device and dtype are resolved now
+        cfg.attention = cfg.attention.override(dtype="bf16" if cfg.dtype == "bfloat16" else "float32")
+    return cfg
 
 
 def cmd_serve(ns):

@@ -247,3 +247,19 @@ def test_a_chat_request_without_max_tokens_is_capped_by_the_server_default(engin
     assert out["usage"]["completion_tokens"] == 3 and out["choices"][0]["finish_reason"] == "length"
     with pytest.raises(ValueError):
         ServerConfig(default_max_tokens=-1)
+
+
+def test_the_store_dtype_follows_the_model_dtype_unless_set():
+    """auto: a bfloat16 model's K/V are stored in bf16 (they lose nothing), a float32 model's in float32."""
+    import argparse
+
+    from server.cli import ENGINE_FLAGS, engine_config, resolve_args
+
+    def store(**flags):
+        ns = argparse.Namespace(**{k: None for k in ENGINE_FLAGS}, config=None)
+        vars(ns).update(flags)
+        return engine_config(resolve_args(ns, ENGINE_FLAGS)).attention.index.dtype
+
+    assert store(device="cpu") == "float32"
+    assert store(device="cpu", dtype="bfloat16") == "bf16"
+    assert store(device="cpu", dtype="bfloat16", kv_store_dtype="int8") == "int8"

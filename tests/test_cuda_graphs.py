@@ -53,3 +53,26 @@ def test_graph_step_equals_eager_step(gpu_engine, modes):
     assert graph_tokens == eager_tokens
     rel = (graph_logits - eager_logits).abs().amax() / eager_logits.abs().amax()
     assert rel <= 1e-3, float(rel)
+
+
+def test_prefill_through_host_memory_equals_prefill_on_device(gpu_engine):
+    """On CUDA a long prompt's hidden states stream through pinned host memory on a side stream (forced
+    here for a short prompt, with small chunks): the copies are ordered with the layers' work, so the
+    logits and the offloaded keys are those of hidden states kept on the device."""
+    runner, att = gpu_engine.runner, AttentionConfig(mode="flat", sink=16, window=64)
+    ids = torch.randint(100, gpu_engine.shape.vocab_size - 100, (3000,), generator=torch.Generator().manual_seed(1))
+    chunk, limit = runner.chunk, runner.hidden_device_bytes
+
+    def prefill(host: bool):
+        kv = SequenceKV(gpu_engine.shape, att, len(ids) + 1, gpu_engine.device, torch.float32)
+        runner.chunk, runner.hidden_device_bytes = 256, 0 if host else float("inf")
+        try:
+            logits, _ = runner.prefill(ids.tolist(), kv)
+        finally:
+            runner.chunk, runner.hidden_device_bytes = chunk, limit
+        keys = kv.stores[3].kv_rows(kv.stores[3].n)[0].clone()
+        kv.free()
+        return logits.cpu(), keys
+
+    (a, ka), (b, kb) = prefill(False), prefill(True)
+    assert torch.equal(a, b) and torch.equal(ka, kb)
