@@ -98,7 +98,10 @@ class OffloadedStore:
         self.V = np.zeros((self.G, cap, self.row), self.dtype) if with_values else None
         self.A = (self.H if self.p.per_head == "query" else self.G) if kind == "graph" else self.G
         if kind == "graph":
-            self.adj = np.full((self.A, cap, self.p.degree), -1, np.int32)
+            # zeros from calloc: rows past n cost no resident memory until build_graph or add_nodes writes
+            # them, each row whole, before any walk can reach it (so a capacity reserved for a long answer
+            # is paid for as it fills)
+            self.adj = np.zeros((self.A, cap, self.p.degree), np.int32)
             self.entries = np.full((self.A, self.p.entries), -1, np.int32)
         self.hnsw: list = []
         self.build_seconds = 0.0
@@ -147,7 +150,7 @@ class OffloadedStore:
         if self.V is not None:
             self.V = _resized(self.V, new, 0.0)
         if self.kind == "graph":
-            self.adj = _resized(self.adj, new, -1)
+            self.adj = _resized(self.adj, new, 0)  # as in __init__
         for ix in self.hnsw:
             ix.resize_index(new)
         self.visited = np.zeros((self.visited.shape[0], new), np.int32)

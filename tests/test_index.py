@@ -312,3 +312,24 @@ def test_batch_scratch_grows_every_list_to_the_widest_search():
         assert min(a.shape[1] for a in (scratch.cs, scratch.ci, scratch.cx)) >= width
         assert scratch.visited.shape[1] >= width
         assert all(a.ctypes.data % 128 == 0 and a.strides[0] % 128 == 0 for a in (scratch.cs, scratch.ci, scratch.cx))
+
+
+def test_room_reserved_for_later_keys_takes_no_memory_until_they_come(data):
+    """A store reserved for a long answer (prompt + max_tokens keys) holds in resident memory what its keys
+    fill, not the reservation: K, V, the graph's links and the visit stamps are untouched past them."""
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    keys, queries = data
+    G, n, extra = 4, 512, 1 << 20  # the reservation: 4 heads x 1M keys x (64 B K + 64 B V + 96 B links + 4 B)
+    store = OffloadedStore("graph", G, G, 16, IndexParams(dtype="bf16"))
+    before = rss()
+    store.reserve(n, extra=extra)
+    k = torch.from_numpy(np.ascontiguousarray(keys[None, :n, :16].repeat(G, 0)))
+    store.write(0, k, k)
+    store.build(n, exact_topk(np.tile(queries[:64, :16], (G, 1, 1)), k.numpy(), 16))
+    store.append(k[:, :64], k[:, :64])
+    ids, _ = store.search(queries[:G, :16], 10)
+    assert store.capacity >= n + extra and ((ids >= 0) & (ids < n + 64)).all()
+    assert rss() - before < 64 * 2**20, "the reservation (~0.9 GB) was touched"
