@@ -26,14 +26,14 @@ def copy_scores(model: Transformer, n: int = 128, seed: int = 0) -> np.ndarray:
     half = torch.randint(s.vocab_size // 8, s.vocab_size, (n,), generator=g)
     ids = torch.cat([half, half]).to(model.device)
     T = 2 * n
-    h = model.embed[ids].clone()
-    cos, sin = model.rope(torch.arange(T, device=model.device))
+    h = model.embed_tokens(ids).clone()
+    rope = model.rope(torch.arange(T, device=model.device))
     causal = torch.ones(T, T, dtype=torch.bool, device=model.device).tril()
     rows = torch.arange(n, T - 1, device=model.device)  # the second copy, each with a next token
     out = torch.empty(s.n_layers, s.n_heads)
     per = s.n_heads // s.n_kv_heads
     for l in range(s.n_layers):
-        q, k, v = model.qkv(l, h, cos, sin)
+        q, k, v = model.qkv(l, h, rope)
         k, v = k.repeat_interleave(per, 1), v.repeat_interleave(per, 1)
         z = torch.einsum("thd,shd->hts", q.float(), k.float()) * model.scale
         p = torch.softmax(z.masked_fill(~causal, float("-inf")), -1)  # (H, T, T)

@@ -213,6 +213,8 @@ class SequenceKV:
         L, G, H, d = shape.n_layers, shape.n_kv_heads, shape.n_heads, shape.head_dim
         B = cfg.evict_block
         self.full = cfg.mode == "full"
+        # per layer: keys a sliding-window layer attends to (0: every key); such a layer keeps no CPU store
+        self.windows = [shape.sliding_window if l in shape.sliding_layers else 0 for l in range(L)]
         # Device buffers are sized by what this request can use, never by a sink or window larger than
         # the request itself. `full` starts with room for a first chunk and grows (see _grow).
         if self.full:
@@ -449,8 +451,9 @@ class SequenceKV:
         """`full` mode: q (H, d) over every token so far -> (H, d). The query heads of a KV group go in as
         that group's "sequence" (one position, no mask), so SDPA's fused kernels read each K/V once."""
         hi = self.written
+        lo = max(0, hi - self.windows[l]) if self.windows[l] else 0  # a sliding-window layer: its last keys
         G, d = self.k.shape[1], q.shape[-1]
-        o = F.scaled_dot_product_attention(q.view(1, G, -1, d), self.k[None, l, :, :hi], self.v[None, l, :, :hi])
+        o = F.scaled_dot_product_attention(q.view(1, G, -1, d), self.k[None, l, :, lo:hi], self.v[None, l, :, lo:hi])
         return o.view(-1, d)
 
     def lookup(self, l: int, q: np.ndarray, top_k: int, out_o: np.ndarray, out_m: np.ndarray, out_s: np.ndarray):

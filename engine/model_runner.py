@@ -150,18 +150,17 @@ class ModelRunner:
                 for i, a in enumerate(range(c, N, self.chunk)):
                     b = min(N, a + self.chunk)
                     x = h.load(l, i)
-                    q, k, v = m.qkv(l, x, *rope(a, b))
+                    q, k, v = m.qkv(l, x, rope(a, b))
                     k_all[a:b], v_all[a:b] = k, v
                     if capture is not None:
                         capture(l, a, q, k)
                     for rows, rows_dev, q_rows in filter(None, sampled):
                         lo, hi = torch.searchsorted(rows, torch.tensor([a, b])).tolist()
                         q_rows[lo:hi] = q[rows_dev[lo:hi] - a]
-                    lo = max(0, a - self.prefill_window) if self.prefill_window else 0
+                    lo, mask = self._prefill_mask(l, a, b)
                     o = F.scaled_dot_product_attention(
                         q.transpose(0, 1)[None], k_all[lo:b].transpose(0, 1)[None],
-                        v_all[lo:b].transpose(0, 1)[None], attn_mask=causal_lower_right(b - a, b - lo),
-                        enable_gqa=True)
+                        v_all[lo:b].transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)
                     # the chunk's layer output at once, in place: its input rows are no other chunk's, and no
                     # attention output of the whole prompt is kept (N x hidden on the device)
                     m.finish_layer(l, x, o[0].transpose(0, 1))
@@ -183,6 +182,19 @@ class ModelRunner:
                 yield s.n_layers
         t2 = time.perf_counter()
         return logits, [PrefillStats(N, t1 - t0, t2 - t1, kv.build_seconds(), kv.offloaded_tokens(), c) for kv in kvs]
+
+    def _prefill_mask(self, l: int, a: int, b: int):
+        """(first key, mask) of prompt chunk [a, b) in layer l: causal over every earlier key; in a
+        sliding-window layer each query sees its own key and the window - 1 before it (an exact band, as
+        transformers masks it); the benchmarks' local prefill sees prefill_window keys back."""
+        W = self.model.window_of(l)
+        if W:
+            lo = max(0, a - W + 1)
+            qp = torch.arange(a, b, device=self.device)[:, None]
+            kp = torch.arange(lo, b, device=self.device)[None]
+            return lo, (kp <= qp) & (kp > qp - W)
+        lo = max(0, a - self.prefill_window) if self.prefill_window else 0
+        return lo, causal_lower_right(b - a, b - lo)
 
     def decode(self, token: int, pos: int, kv: SequenceKV, top_k: int, capture=None) -> torch.Tensor:
         """One token of one sequence -> logits (V,) float32 (decode_batch with a batch of one)."""
@@ -250,10 +262,10 @@ class ModelRunner:
         graph per stretch between two yields."""
         m, s, buf = self.model, self.model.shape, io.buf
         tok, pos, slot, rows = io.ints[0, :Rc], io.ints[1, :Rc], io.ints[2, :Rc], io.arange[:Rc]
-        h = m.embed[tok]
-        cos, sin = m.rope(pos)
+        h = m.embed_tokens(tok)
+        rope = m.rope(pos)
         for l in range(s.n_layers):
-            q, k, v = m.qkv(l, h, cos, sin)
+            q, k, v = m.qkv(l, h, rope)
             pool.k[l, rows, :, slot] = k.float()
             pool.v[l, rows, :, slot] = v.float()
             qf = q.float()
@@ -330,8 +342,8 @@ class ModelRunner:
         for pool, idx in groups:
             ints += [*idx, *(kvs[b].row for b in idx), *(slots[b] for b in idx)]
         ints = torch.tensor(ints, dtype=torch.long).to(dev, non_blocking=True)
-        h = m.embed[ints[:B]]
-        cos, sin = m.rope(ints[B: 2 * B])
+        h = m.embed_tokens(ints[:B])
+        rope = m.rope(ints[B: 2 * B])
         at, gidx = 2 * B, []
         for pool, idx in groups:  # (batch indices, pool rows, slots) of each group on the device
             n = len(idx)
@@ -341,7 +353,7 @@ class ModelRunner:
         cpu = lookups.any
         with self._decode_backends():
             for l in range(s.n_layers):
-                q, k, v = m.qkv(l, h, cos, sin)
+                q, k, v = m.qkv(l, h, rope)
                 for (pool, _), (bi, rows, sl) in zip(groups, gidx):
                     pool.k[l, rows, :, sl] = k[bi].float()
                     pool.v[l, rows, :, sl] = v[bi].float()
@@ -414,13 +426,13 @@ class _PrefillHidden:
         self.total = model.shape.n_layers * self.chunks  # chunks over all layers
         idx = torch.tensor(ids, device=dev)
         if not on_host:
-            self.h, self.stream = model.embed[idx], None
+            self.h, self.stream = model.embed_tokens(idx), None
             return
         self.h = torch.empty(self.n, model.shape.hidden_size, dtype=model.dtype)
         self.pinned = dev.type == "cuda" and int(torch.cuda.cudart().cudaHostRegister(
             self.h.data_ptr(), self.h.nbytes, 0)) == 0  # else: pageable, slower copies, same results
         for a in range(0, self.n, chunk):
-            self.h[a: a + chunk] = model.embed[idx[a: a + chunk]].cpu()
+            self.h[a: a + chunk] = model.embed_tokens(idx[a: a + chunk]).cpu()
         self.bufs = [torch.empty(min(chunk, self.n), self.h.shape[1], dtype=model.dtype, device=dev)
                      for _ in range(self.SLOTS)]
         self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
