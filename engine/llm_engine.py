@@ -155,6 +155,7 @@ class Engine:
         self.model, self.tokenizer = load_model(config.model, config.device, getattr(torch, config.dtype),
                                                 config.load_format, config.seed)
         self.shape = self.model.shape
+        self.check_window(config.attention)
         self.max_model_len = config.max_model_len or self.shape.max_position_embeddings
         self.eos_ids = self._eos_ids()
         self.copy_scores = copy_scores(self.model)  # (L, H): heads that retrieval scans exactly
@@ -199,7 +200,11 @@ class Engine:
         may take of them): as configured, else what the machine has available, and a quarter of it."""
         c = self.config
         kv = int(c.cpu_kv_budget_gb * 2**30) if c.cpu_kv_budget_gb is not None else default_host_budget()
-        if c.doc_cache_gb is not None:
+        if self.shape.sliding_layers:  # an entry keeps no K/V of a sliding-window layer past its window
+            if c.doc_cache_gb:
+                log.warning("the document cache does not serve models with sliding-window layers: it is off")
+            doc = 0
+        elif c.doc_cache_gb is not None:
             doc = int(c.doc_cache_gb * 2**30)
         else:
             doc = 0 if kv >= UNBOUNDED else kv // 4
@@ -224,6 +229,13 @@ class Engine:
         return lo
 
     # ------------------------------------------------------------------ public API
+    def check_window(self, attention: AttentionConfig):
+        """A sliding-window layer attends from the ring of the static part: it must hold the model's window."""
+        W = self.shape.sliding_window
+        if W and attention.mode != "full" and attention.window < W:
+            raise ValueError(f"this model's sliding-window layers attend to the last {W} tokens: the attention "
+                             f"window must be at least {W} (it is {attention.window})")
+
     def admit_host_bytes(self, prompt_len: int, max_tokens: int, attention: AttentionConfig) -> int:
         """The host memory a request may need (kv.host_bytes); ValueError, giving it and the budget, if it
         can never fit within --cpu-kv-budget."""
@@ -265,6 +277,7 @@ class Engine:
         if max(request.prompt_ids) >= self.shape.vocab_size or min(request.prompt_ids) < 0:
             raise ValueError("prompt token ids out of the vocabulary")
         seq = Sequence(request, request.attention or self.config.attention, on_output)
+        self.check_window(seq.attention)
         seq.host_bytes = self.admit_host_bytes(n, mt, seq.attention)
         if self.config.request_timeout:
             seq.deadline = seq.arrival + self.config.request_timeout

@@ -23,7 +23,7 @@ from torch.nn.attention.bias import causal_lower_right
 from index import BatchScratch, attend_batch
 
 from .attention import merge_partial_attention, partial_attention
-from .kv import SequenceKV, StaticPool
+from .kv import NO_POS, SequenceKV, StaticPool
 from .model import Transformer
 
 
@@ -264,16 +264,20 @@ class ModelRunner:
         tok, pos, slot, rows = io.ints[0, :Rc], io.ints[1, :Rc], io.ints[2, :Rc], io.arange[:Rc]
         h = m.embed_tokens(tok)
         rope = m.rope(pos)
+        pool.pos[rows, slot] = pos
+        windowed = _windowed_bias(pool.bias[:Rc], pool.pos[:Rc], pos, s.sliding_window)
         for l in range(s.n_layers):
             q, k, v = m.qkv(l, h, rope)
             pool.k[l, rows, :, slot] = k.float()
             pool.v[l, rows, :, slot] = v.float()
             qf = q.float()
-            if cpu:
+            lookup = cpu and not m.window_of(l)  # a sliding-window layer has no keys off the device
+            if lookup:
                 buf.q_host[:Rc].copy_(qf, non_blocking=True)
                 yield "query", l
-            o, mx, sm = partial_attention(qf, pool.k[l, :Rc], pool.v[l, :Rc], pool.bias[:Rc], m.scale)
-            if cpu:
+            bias = windowed if m.window_of(l) else pool.bias[:Rc]
+            o, mx, sm = partial_attention(qf, pool.k[l, :Rc], pool.v[l, :Rc], bias, m.scale)
+            if lookup:
                 yield "lookup", l
                 buf.o_dev[:Rc].copy_(buf.o_host[:Rc], non_blocking=True)
                 buf.ms_dev[:Rc].copy_(buf.ms_host[:Rc], non_blocking=True)
@@ -345,10 +349,16 @@ class ModelRunner:
         h = m.embed_tokens(ints[:B])
         rope = m.rope(ints[B: 2 * B])
         at, gidx = 2 * B, []
+        windowed = []  # per group: its rows' bias in a sliding-window layer
         for pool, idx in groups:  # (batch indices, pool rows, slots) of each group on the device
             n = len(idx)
-            gidx.append((ints[at: at + n], ints[at + n: at + 2 * n], ints[at + 2 * n: at + 3 * n]))
+            bi, rows, sl = ints[at: at + n], ints[at + n: at + 2 * n], ints[at + 2 * n: at + 3 * n]
+            gidx.append((bi, rows, sl))
             at += 3 * n
+            pool.pos[rows, sl] = ints[B: 2 * B][bi]
+            p = torch.full((pool.rows,), NO_POS, dtype=torch.long, device=dev)
+            p[rows] = ints[B: 2 * B][bi]
+            windowed.append(_windowed_bias(pool.bias[: pool.rows], pool.pos[: pool.rows], p, s.sliding_window))
         lookups = _StepLookups(kvs, list(range(B)), top_ks, buf, B, m, self.scratch)
         cpu = lookups.any
         with self._decode_backends():
@@ -360,27 +370,28 @@ class ModelRunner:
                 for b in full:
                     kvs[b].write(l, slots[b], k[b], v[b])
                 qf = q.float()
-                if cpu:
+                lookup = cpu and not m.window_of(l)  # a sliding-window layer has no keys off the device
+                if lookup:
                     buf.q_host[:B].copy_(qf, non_blocking=True)
                     if buf.q_ready is not None:
                         buf.q_ready.record()
                 o = torch.empty_like(q)
                 static = []
-                for (pool, _), (bi, rows, _) in zip(groups, gidx):  # queued on the device
+                for (pool, _), (bi, rows, _), wb in zip(groups, gidx, windowed):  # queued on the device
                     qp = qf.new_zeros(pool.rows, *q.shape[1:])
                     qp[rows] = qf[bi]
                     part = partial_attention(qp, pool.k[l, : pool.rows], pool.v[l, : pool.rows],
-                                             pool.bias[: pool.rows], m.scale)
+                                             wb if m.window_of(l) else pool.bias[: pool.rows], m.scale)
                     static.append(tuple(x[rows] for x in part))
                 for b in full:
                     o[b] = kvs[b].attend_full(l, q[b])
-                if cpu:
+                if lookup:
                     self._wait_for_queries(buf)
                     lookups(l)
                     buf.o_dev[:B].copy_(buf.o_host[:B], non_blocking=True)
                     buf.ms_dev[:B].copy_(buf.ms_host[:B], non_blocking=True)
                 for (o_w, m_w, s_w), (bi, _, _) in zip(static, gidx):
-                    if cpu:
+                    if lookup:
                         o_w = merge_partial_attention(o_w, m_w, s_w, buf.o_dev[bi], buf.ms_dev[bi, 0],
                                                       buf.ms_dev[bi, 1])
                     o[bi] = o_w.to(q.dtype)
@@ -609,6 +620,14 @@ class _RowIO:
     def step_done(self):
         if self.done is not None:
             self.done.record()
+
+
+def _windowed_bias(bias: torch.Tensor, slot_pos: torch.Tensor, pos: torch.Tensor, W: int) -> torch.Tensor | None:
+    """The static part's bias (R, n) for a sliding-window layer: a slot counts while its token is one of
+    the last W up to the row's position pos (R,) (its own included). None for a model without one."""
+    if not W:
+        return None
+    return torch.where(slot_pos > (pos[:, None] - W), bias, float("-inf"))
 
 
 def _group(kvs: list[SequenceKV]):

@@ -1,0 +1,95 @@
+"""Gemma 3 270M, the second embedded model: five sliding-window layers (512 keys) for every global one.
+Its `full` mode is transformers' model; the partial modes keep only the global layers' keys on the CPU."""
+import pytest
+import torch
+
+from engine.attention import AttentionConfig
+from engine.kv import SequenceKV
+from engine.sampling import SamplingParams
+from engine.sequence import Request
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from engine.llm_engine import Engine, EngineConfig
+
+    eng = Engine(EngineConfig(model="gemma-3-270m", device="cpu", dtype="float32", doc_cache_gb=0))
+    yield eng
+    eng.shutdown()
+
+
+def prompt(gemma, n: int, seed: int = 0) -> list[int]:
+    """Random ordinary tokens: a prompt whose next tokens depend on what each layer really sees."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1000, gemma.shape.vocab_size // 2, (n,), generator=g).tolist()
+
+
+def greedy(gemma, ids, att: AttentionConfig, steps: int):
+    kv = SequenceKV(gemma.shape, att, len(ids) + steps + 1, gemma.device, torch.float32, gemma.copy_scores,
+                    gemma.pools)
+    try:
+        logits, _ = gemma.runner.prefill(ids, kv)
+        out = [logits]
+        for i in range(steps):
+            out.append(gemma.runner.decode(int(out[-1].argmax()), len(ids) + i, kv, att.top_k))
+        return torch.stack(out), [st.n for st in kv.stores or []]
+    finally:
+        kv.free()
+
+
+def test_full_mode_is_transformers_gemma3(gemma):
+    """fp32, a prompt past the sliding window: the same logits (1e-4 relative) and greedy tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.loader import _gguf_cache_dir, gemma_270m_path
+
+    assert gemma.shape.sliding_window == 512 and gemma.shape.global_layers == [5, 11, 17]
+    hf = AutoModelForCausalLM.from_pretrained(str(_gguf_cache_dir(gemma_270m_path())), dtype=torch.float32)
+    assert type(hf).__name__ == "Gemma3ForCausalLM"
+    ids = prompt(gemma, 700)
+    ours, _ = greedy(gemma, ids, AttentionConfig(mode="full"), 5)
+    tokens = ours.argmax(-1).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1:].float()
+    assert ref.argmax(-1).tolist() == tokens
+    assert float((ours - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_flat_with_every_key_equals_full_and_only_global_layers_offload(gemma):
+    """A 2K-token prompt and a window eviction while decoding: `flat` over every offloaded key gives `full`'s
+    logits; the sliding-window layers attend from the device ring alone and their stores stay empty."""
+    ids = prompt(gemma, 2048, seed=1)
+    full, _ = greedy(gemma, ids, AttentionConfig(mode="full"), 12)
+    flat, n = greedy(gemma, ids, AttentionConfig(mode="flat", top_k=10**9, sink=16, evict_block=8), 12)
+    assert flat.argmax(-1).tolist() == full.argmax(-1).tolist()
+    assert float((flat - full).norm() / full.norm()) < 1e-4
+    assert all(n[l] == 0 for l in gemma.shape.sliding_layers)
+    assert all(n[l] == 2048 - 16 - 512 + 8 for l in gemma.shape.global_layers)  # one block evicted
+
+
+def test_a_sliding_window_layer_never_reads_outside_its_window(gemma):
+    """The first prompt token sits in the sink on the device. Past the window, changing its K/V changes
+    nothing through a sliding-window layer and changes the output through a global one."""
+    ids = prompt(gemma, 700, seed=2)
+    att = AttentionConfig(mode="streaming")
+
+    def next_logits(layer: int | None):
+        kv = SequenceKV(gemma.shape, att, len(ids) + 2, gemma.device, torch.float32, pools=gemma.pools)
+        try:
+            logits, _ = gemma.runner.prefill(ids, kv)
+            if layer is not None:
+                kv.k[layer, :, 0] += 5.0
+                kv.v[layer, :, 0] += 5.0
+            return gemma.runner.decode(int(logits.argmax()), len(ids), kv, att.top_k)
+        finally:
+            kv.free()
+
+    base = next_logits(None)
+    assert torch.equal(next_logits(gemma.shape.sliding_layers[0]), base)
+    assert not torch.allclose(next_logits(gemma.shape.global_layers[0]), base, atol=1e-3)
+
+
+def test_a_window_smaller_than_the_sliding_window_is_refused(gemma):
+    with pytest.raises(ValueError, match="at least 512"):
+        gemma.submit(Request(prompt(gemma, 10), SamplingParams(max_tokens=2), AttentionConfig(window=256)),
+                     lambda o: None)
