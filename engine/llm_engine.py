@@ -155,7 +155,10 @@ class Engine:
         self.model, self.tokenizer = load_model(config.model, config.device, getattr(torch, config.dtype),
                                                 config.load_format, config.seed)
         self.shape = self.model.shape
-        self.check_window(config.attention)
+        W = self.shape.sliding_window
+        if W and config.attention.window < W:  # the server's default window holds the model's (a request's may not)
+            log.warning("attention window raised from %d to the model's sliding window, %d", config.attention.window, W)
+            config.attention = config.attention.override(window=W)
         self.max_model_len = config.max_model_len or self.shape.max_position_embeddings
         self.eos_ids = self._eos_ids()
         self.copy_scores = copy_scores(self.model)  # (L, H): heads that retrieval scans exactly

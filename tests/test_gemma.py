@@ -93,3 +93,14 @@ def test_a_window_smaller_than_the_sliding_window_is_refused(gemma):
     with pytest.raises(ValueError, match="at least 512"):
         gemma.submit(Request(prompt(gemma, 10), SamplingParams(max_tokens=2), AttentionConfig(window=256)),
                      lambda o: None)
+
+
+def test_the_gemma3_shapes_for_dummy_weights():
+    """configs/models: the 270M's layout as its GGUF has it, and the 4B's (a 1,024-token window, linear RoPE
+    scaling for the global layers) for speed runs on the GPU machine."""
+    from engine.loader import shape_config
+    from engine.model import ModelShape
+
+    small, big = (ModelShape.from_hf(shape_config(n)) for n in ("gemma-3-270m", "gemma-3-4b"))
+    assert (small.n_layers, small.global_layers, small.sliding_window) == (18, [5, 11, 17], 512)
+    assert (big.n_layers, big.global_layers, big.sliding_window, big.n_kv_heads) == (34, [5, 11, 17, 23, 29], 1024, 4)
