@@ -256,6 +256,8 @@ class Engine:
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     add_special_tokens: bool = False) -> list[int]:
+        if not self._tok().chat_template:
+            raise ValueError("this model has no chat template (a base model): send a prompt to /v1/completions")
         text = self._tok().apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         return self._tok().encode(text, add_special_tokens=add_special_tokens)
 

@@ -104,3 +104,12 @@ def test_the_gemma3_shapes_for_dummy_weights():
     small, big = (ModelShape.from_hf(shape_config(n)) for n in ("gemma-3-270m", "gemma-3-4b"))
     assert (small.n_layers, small.global_layers, small.sliding_window) == (18, [5, 11, 17], 512)
     assert (big.n_layers, big.global_layers, big.sliding_window, big.n_kv_heads) == (34, [5, 11, 17, 23, 29], 1024, 4)
+
+
+def test_the_base_model_completes_text_and_refuses_chat(gemma):
+    ids = gemma.encode("The capital of France is")
+    assert ids[0] == gemma.tokenizer.bos_token_id
+    outs = gemma.generate(Request(ids, SamplingParams(max_tokens=4, temperature=0)))
+    assert outs[-1].error is None and outs[-1].finish_reason == "length" and len(outs) == 4
+    with pytest.raises(ValueError, match="no chat template"):
+        gemma.encode_chat([{"role": "user", "content": "hi"}])
