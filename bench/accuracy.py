@@ -114,7 +114,7 @@ def evaluate(engine: Engine, tasks: list[str], lengths: list[int], samples: int,
                 if (len(todo) == 1 and "full" in old) or s % shard[1] != shard[0]:
                     continue
                 sample = make_sample(engine.tokenizer, task, length, s)
-                ids = engine.encode_chat(sample.messages)
+                ids = sample.prompt_ids(engine)
                 res = run_sample(engine, ids, todo, MAX_NEW[task], done=sample.correct)
                 if "full" in old and old["full"]["text"] != res["full"]["text"] and len(todo) < len(runs):
                     # the record's other outputs followed another reference: redo them all
@@ -247,6 +247,8 @@ def markdown(report: dict) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=MODEL, help="the embedded model, or gemma-3-270m (a base model: "
+                                                 "completion-style prompts)")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--lengths", default="1024,2048,4096,8192")
     ap.add_argument("--samples", type=int, default=12)
@@ -273,7 +275,9 @@ def main(argv=None):
 
         torch.set_num_threads(a.threads)
         numba.set_num_threads(a.threads)
-    engine = Engine(EngineConfig(device="cpu"))
+    if a.http and a.model != MODEL:
+        raise SystemExit("--http checks the embedded chat model only")
+    engine = Engine(EngineConfig(model=a.model, device="cpu", doc_cache_gb=0))
     tasks, lengths = a.tasks.split(","), [int(x) for x in a.lengths.split(",")]
     runs = configs(a.top_k, [int(x) for x in a.sweep.split(",") if x], a.exact, [m for m in a.modes.split(",") if m],
                    [d for d in a.store_dtypes.split(",") if d])
@@ -294,7 +298,7 @@ def main(argv=None):
     engine.shutdown()  # an HTTP check's server loads its own copy
     http = (http_check(records, http_run, [int(x) for x in a.http_lengths.split(",")], engine.tokenizer)
             if http_run else prev.get("http") if same_file else None)
-    report = {"bench": "accuracy", "model": MODEL, "top_k": a.top_k, "machine": f"CPU, {os.cpu_count()} cores",
+    report = {"bench": "accuracy", "model": a.model, "top_k": a.top_k, "machine": f"CPU, {os.cpu_count()} cores",
               "records": a.records,
               "commands": (prev.get("commands", []) if same_file else []) + [command],
               "wall_s": (prev.get("wall_s", 0) if same_file else 0) + time.perf_counter() - t0,

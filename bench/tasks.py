@@ -21,6 +21,13 @@ class Sample:
     task: str
     messages: list[dict]
     answers: list[str]  # every one must appear in the output
+    lead: str = ""  # a base model's prompt (no chat template) ends with the question, then this
+
+    def prompt_ids(self, engine) -> list[int]:
+        """The chat prompt where the model has a chat template; else the text completion-style."""
+        if engine.tokenizer.chat_template:
+            return engine.encode_chat(self.messages)
+        return engine.encode(self.messages[0]["content"] + self.lead)
 
     @property
     def answer(self) -> str:
@@ -58,9 +65,9 @@ def _hide(tokenizer, needles: list[str], target_tokens: int, rng: random.Random)
     return _fit(tokenizer, build, target_tokens)
 
 
-def _sample(task, tokenizer, target, rng, intro, needles, question, answers) -> Sample:
+def _sample(task, tokenizer, target, rng, intro, needles, question, answers, lead="") -> Sample:
     hay = _hide(tokenizer, needles, target - 60, rng)
-    return Sample(task, [{"role": "user", "content": intro + "\n" + hay + "\n" + question}], answers)
+    return Sample(task, [{"role": "user", "content": intro + "\n" + hay + "\n" + question}], answers, lead)
 
 
 def _value(kind: str, rng: random.Random) -> str:
@@ -78,7 +85,7 @@ def passkey(tokenizer, target_tokens: int, seed: int) -> Sample:
                    "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
                    "I will quiz you about the pass key.",
                    [f"The pass key is {key}. Remember it. {key} is the pass key."],
-                   "What is the pass key? Answer with the number.", [key])
+                   "What is the pass key? Answer with the number.", [key], "\nThe pass key is")
 
 
 def niah_single(kind: str):

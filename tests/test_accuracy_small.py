@@ -9,7 +9,7 @@ from bench.tasks import TASKS
 LENGTH = 2048
 
 
-@pytest.mark.parametrize("task", ["passkey", "niah_single_number"])
+@pytest.mark.parametrize("task", ["niah_single_number"])  # the passkey: tests/test_passkey.py
 def test_flat_all_equals_full_and_retrieval_answers_what_full_answers(engine, task):
     runs = [r for r in configs(100, [], exact=True) if r.name in ("full", "flat@all", "retrieval")]
     solved = 0

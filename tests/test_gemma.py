@@ -113,3 +113,18 @@ def test_the_base_model_completes_text_and_refuses_chat(gemma):
     assert outs[-1].error is None and outs[-1].finish_reason == "length" and len(outs) == 4
     with pytest.raises(ValueError, match="no chat template"):
         gemma.encode_chat([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_retrieval_finds_the_passkey_when_full_does(gemma, seed):
+    """~3.5K tokens, completion-style (a base model): one prefill for both, each decoded greedily."""
+    from bench.accuracy import Run, run_sample
+    from bench.tasks import passkey
+
+    s = passkey(gemma.tokenizer, 3500, seed)
+    ids = s.prompt_ids(gemma)
+    assert 3300 <= len(ids) <= 3700
+    out = run_sample(gemma, ids, [Run("full", AttentionConfig(mode="full")), Run("retrieval", AttentionConfig())],
+                     12, done=s.correct)
+    assert s.correct(out["full"]["text"]), "full should solve this length (measured 4/4): else the test proves nothing"
+    assert s.correct(out["retrieval"]["text"]), (out["full"]["text"], out["retrieval"]["text"])
