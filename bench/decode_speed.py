@@ -283,7 +283,7 @@ def main(argv=None):
                         save()
         if a.check_exact:
             ran = [r for r in results if r["prompt_tokens"] == len(ids)]
-            flat_all = run_mode(engine, ids, AttentionConfig(mode="flat", top_k=ALL), min(a.steps, 16))
+            flat_all = run_mode(engine, ids, base.override(mode="flat", top_k=ALL, dtype="float32"), min(a.steps, 16))
             full = next((r for r in ran if r["mode"] == "full" and r["status"] == "ok"), None)
             if full is None:  # full did not run or fit the cap: compare without it
                 full = run_mode(engine, ids, AttentionConfig(mode="full"), min(a.steps, 16))

@@ -221,6 +221,9 @@ class SequenceKV:
         self.full = cfg.mode == "full"
         # per layer: keys a sliding-window layer attends to (0: every key); such a layer keeps no CPU store
         self.windows = [shape.sliding_window if l in shape.sliding_layers else 0 for l in range(L)]
+        if not self.full and min(shape.sliding_window, total_len) > cfg.window:
+            raise ValueError(f"the static window ({cfg.window}) must hold the model's sliding window "
+                             f"({shape.sliding_window})")
         # Device buffers are sized by what this request can use, never by a sink or window larger than
         # the request itself. `full` starts with room for a first chunk and grows (see _grow).
         if self.full:
@@ -237,7 +240,7 @@ class SequenceKV:
             self._bias = torch.full((n,), float("-inf"), device=device)
         self.written = 0  # ring writes so far
         self.evicted = 0  # ring slots handed to the CPU store (or dropped, in streaming mode)
-        self.scale = shape.head_dim ** -0.5
+        self.scale = shape.scale
         kind = cfg.store_kind
         # on CUDA one build runs per core at once (ModelRunner's pool), so each build is single-threaded
         params = replace(cfg.index, threads=1) if device.type == "cuda" else cfg.index
@@ -472,7 +475,8 @@ class SequenceKV:
         hi = self.written
         lo = max(0, hi - self.windows[l]) if self.windows[l] else 0  # a sliding-window layer: its last keys
         G, d = self.k.shape[1], q.shape[-1]
-        o = F.scaled_dot_product_attention(q.view(1, G, -1, d), self.k[None, l, :, lo:hi], self.v[None, l, :, lo:hi])
+        o = F.scaled_dot_product_attention(q.view(1, G, -1, d), self.k[None, l, :, lo:hi], self.v[None, l, :, lo:hi],
+                                           scale=self.scale)
         return o.view(-1, d)
 
     def lookup(self, l: int, q: np.ndarray, top_k: int, out_o: np.ndarray, out_m: np.ndarray, out_s: np.ndarray):
@@ -541,8 +545,10 @@ class SequenceKV:
         return sum(s.nbytes() for s in stores) if stores is not None else 0
 
     def offloaded_tokens(self) -> int:
-        """Keys it searches on the CPU: its own and the cached entry's it sees."""
-        return self.stores[0].n + self.cached_n if self.stores is not None else 0
+        """Keys it searches on the CPU: its own and the cached entry's it sees (in a global layer)."""
+        if self.stores is None:
+            return 0
+        return self.stores[self.windows.index(0)].n + self.cached_n
 
     def free(self):
         inserts = [f for f in self._inserts if f is not None]

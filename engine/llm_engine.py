@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
@@ -158,7 +158,7 @@ class Engine:
         W = self.shape.sliding_window
         if W and config.attention.window < W:  # the server's default window holds the model's (a request's may not)
             log.warning("attention window raised from %d to the model's sliding window, %d", config.attention.window, W)
-            config.attention = config.attention.override(window=W)
+            self.config = config = replace(config, attention=config.attention.override(window=W))
         self.max_model_len = config.max_model_len or self.shape.max_position_embeddings
         self.eos_ids = self._eos_ids()
         self.copy_scores = copy_scores(self.model)  # (L, H): heads that retrieval scans exactly
@@ -234,7 +234,7 @@ class Engine:
     # ------------------------------------------------------------------ public API
     def check_window(self, attention: AttentionConfig):
         """A sliding-window layer attends from the ring of the static part: it must hold the model's window."""
-        W = self.shape.sliding_window
+        W = min(self.shape.sliding_window, self.max_model_len)  # no sequence outgrows max_model_len
         if W and attention.mode != "full" and attention.window < W:
             raise ValueError(f"this model's sliding-window layers attend to the last {W} tokens: the attention "
                              f"window must be at least {W} (it is {attention.window})")

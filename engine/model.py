@@ -36,6 +36,11 @@ class ModelShape:
     attention_bias: bool
     sliding_window: int = 0        # keys a sliding-window layer attends to (its own included); 0: none
     sliding_layers: tuple = ()     # which layers attend within the sliding window (Gemma 3: 5 of every 6)
+    query_pre_attn_scalar: float = 0.0  # Gemma: attention scores scale by its -1/2 power (0: head_dim's)
+
+    @property
+    def scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def global_layers(self) -> list[int]:
@@ -56,6 +61,7 @@ class ModelShape:
             sliding_window=(getattr(c, "sliding_window", None) or 0) if c.model_type in GEMMA else 0,
             sliding_layers=tuple(i for i, t in enumerate(getattr(c, "layer_types", None) or [])
                                  if t == "sliding_attention") if c.model_type in GEMMA else (),
+            query_pre_attn_scalar=(getattr(c, "query_pre_attn_scalar", None) or 0.0) if c.model_type in GEMMA else 0.0,
         )
 
 
@@ -103,8 +109,7 @@ class Transformer:
         self.rotary = (Gemma3RotaryEmbedding if gemma else LlamaRotaryEmbedding)(hf_config).to(self.device)
         self.rope_types = ["full_attention", "sliding_attention"] if gemma else [None]
         self.rope_of_layer = [int(l in shape.sliding_layers) for l in range(shape.n_layers)]
-        pre = getattr(hf_config, "query_pre_attn_scalar", None) if gemma else None
-        self.scale = (pre or shape.head_dim) ** -0.5
+        self.scale = shape.scale
         self.act = (lambda x: F.gelu(x, approximate="tanh")) if gemma else F.silu
         # Gemma scales the embeddings by sqrt(hidden), rounded to the weights' dtype as transformers does
         self.embed_scale = torch.tensor(shape.hidden_size ** 0.5, dtype=self.dtype) if gemma else None

@@ -131,7 +131,6 @@ class ModelRunner:
         assert all(kv.prefix_len == c for kv in kvs), "one prefill serves one cached prefix"
         entry = kvs[0].hit
         on_host = (N - c) * s.hidden_size * m.dtype.itemsize > self.hidden_device_bytes
-        h = _PrefillHidden(m, ids[c:], self.chunk, on_host)
         rope = m.rope_of(c, N)
         sampled = []  # per kv: (rows on host, rows on device, gathered queries) for a graph build, else None
         for kv in kvs:
@@ -143,7 +142,9 @@ class ModelRunner:
                 torch.empty(len(rows), s.n_heads, s.head_dim, device=self.device, dtype=m.dtype)))
         k_all = torch.empty(N, s.n_kv_heads, s.head_dim, device=self.device, dtype=m.dtype)
         v_all = torch.empty_like(k_all)
+        h = None
         try:
+            h = _PrefillHidden(m, ids[c:], self.chunk, on_host)
             for l in range(s.n_layers):
                 if c:
                     entry.copy_prefix(l, c, k_all[:c], v_all[:c], self._to_device)
@@ -160,7 +161,7 @@ class ModelRunner:
                     lo, mask = self._prefill_mask(l, a, b)
                     o = F.scaled_dot_product_attention(
                         q.transpose(0, 1)[None], k_all[lo:b].transpose(0, 1)[None],
-                        v_all[lo:b].transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)
+                        v_all[lo:b].transpose(0, 1)[None], attn_mask=mask, scale=m.scale, enable_gqa=True)
                     # the chunk's layer output at once, in place: its input rows are no other chunk's, and no
                     # attention output of the whole prompt is kept (N x hidden on the device)
                     m.finish_layer(l, x, o[0].transpose(0, 1))
@@ -171,7 +172,8 @@ class ModelRunner:
                 yield l + 1
             logits = m.logits(h.last())
         finally:
-            h.close()
+            if h is not None:
+                h.close()
         t1 = time.perf_counter()
         pending = futures
         while pending:  # a failed build fails the request; the wait yields, so it keeps the heartbeat
@@ -440,12 +442,18 @@ class _PrefillHidden:
             self.h, self.stream = model.embed_tokens(idx), None
             return
         self.h = torch.empty(self.n, model.shape.hidden_size, dtype=model.dtype)
+        # portable (flag 1): pinned for every device, whichever is current; failing that, pageable copies
         self.pinned = dev.type == "cuda" and int(torch.cuda.cudart().cudaHostRegister(
-            self.h.data_ptr(), self.h.nbytes, 0)) == 0  # else: pageable, slower copies, same results
-        for a in range(0, self.n, chunk):
-            self.h[a: a + chunk] = model.embed_tokens(idx[a: a + chunk]).cpu()
-        self.bufs = [torch.empty(min(chunk, self.n), self.h.shape[1], dtype=model.dtype, device=dev)
-                     for _ in range(self.SLOTS)]
+            self.h.data_ptr(), self.h.nbytes, 1)) == 0
+        try:
+            for a in range(0, self.n, chunk):
+                self.h[a: a + chunk] = model.embed_tokens(idx[a: a + chunk]).cpu()
+            self.bufs = [torch.empty(min(chunk, self.n), self.h.shape[1], dtype=model.dtype, device=dev)
+                         for _ in range(self.SLOTS)]
+        except BaseException:
+            self.stream = None
+            self.close()  # memory is never freed while registered
+            raise
         self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         if self.stream is not None:
             for b in self.bufs:
@@ -473,12 +481,13 @@ class _PrefillHidden:
         if not self.streamed:
             return self.h[i * self.chunk: (i + 1) * self.chunk]
         j = l * self.chunks + i
-        while self.issued <= min(j + 1, self.total - 1):  # this chunk and the next
+        # this chunk and the next; with one chunk the next is this one in the next layer, not yet stored
+        while self.issued <= min(j + (self.chunks > 1), self.total - 1):
             self._copy_in(self.issued)
             self.issued += 1
         ev = self.ready.pop(j)
         if ev is not None:
-            torch.cuda.current_stream().wait_event(ev)
+            torch.cuda.current_stream(self.stream.device).wait_event(ev)
         return self._rows(j)[2]
 
     def store(self, l: int, i: int):
@@ -488,7 +497,7 @@ class _PrefillHidden:
         if self.stream is None:
             self.h[a:b] = buf
             return
-        self.stream.wait_stream(torch.cuda.current_stream())  # the layer's work on the chunk is queued
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))  # the layer's work on it is queued
         with torch.cuda.stream(self.stream):
             self.h[a:b].copy_(buf, non_blocking=True)
 

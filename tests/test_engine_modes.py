@@ -100,9 +100,9 @@ def test_prefill_through_host_chunks_equals_prefill_on_device(engine, long_promp
     runner, att = engine.runner, AttentionConfig(mode="flat", sink=16, window=64)
     chunk, ids = runner.chunk, long_prompt[:800]
 
-    def prefill(host: bool, window: int = 0):
+    def prefill(host: bool, window: int = 0, size: int = 192):
         kv = SequenceKV(engine.shape, att, len(ids) + 1, engine.device, engine.model.dtype)
-        runner.chunk, runner.prefill_window = 192, window
+        runner.chunk, runner.prefill_window = size, window
         runner.hidden_device_bytes = 0 if host else float("inf")
         try:
             logits, _ = runner.prefill(ids, kv)
@@ -115,5 +115,7 @@ def test_prefill_through_host_chunks_equals_prefill_on_device(engine, long_promp
     logits, keys = prefill(False)
     logits_host, keys_host = prefill(True)
     assert torch.equal(logits, logits_host) and torch.equal(keys, keys_host)
+    # one chunk: the next layer's copy of it waits for this layer's result
+    assert torch.equal(prefill(True, size=1024)[0], prefill(False, size=1024)[0])
     assert torch.equal(prefill(True, window=len(ids))[0], logits)
     assert not torch.allclose(prefill(True, window=256)[0], logits, atol=1e-3)
