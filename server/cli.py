@@ -14,8 +14,8 @@ from engine.loader import EMBEDDED
 
 # flag -> (type, default, help); shared by serve and generate, and the keys a --config preset may set
 ENGINE_FLAGS = {
-    "model": (str, EMBEDDED, "model: the embedded default, a checkpoint directory, a .gguf file, or with "
-                             "--load-format dummy a shape from configs/models"),
+    "model": (str, EMBEDDED, "model: the embedded default, gemma-3-270m, a checkpoint directory, a .gguf file, or "
+                             "with --load-format dummy a shape from configs/models"),
     "load_format": (str, "auto", "auto | dummy (random weights of the --model shape)"),
     "device": (str, "auto", "auto | cpu | cuda | cuda:N"),
     "dtype": (str, "auto", "auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16"),
