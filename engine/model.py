@@ -109,6 +109,7 @@ class Transformer:
         self.rotary = (Gemma3RotaryEmbedding if gemma else LlamaRotaryEmbedding)(hf_config).to(self.device)
         self.rope_types = ["full_attention", "sliding_attention"] if gemma else [None]
         self.rope_of_layer = [int(l in shape.sliding_layers) for l in range(shape.n_layers)]
+        self.windows = [shape.sliding_window * r for r in self.rope_of_layer]  # per layer (0: every key)
         self.scale = shape.scale
         self.act = (lambda x: F.gelu(x, approximate="tanh")) if gemma else F.silu
         # Gemma scales the embeddings by sqrt(hidden), rounded to the weights' dtype as transformers does
@@ -120,7 +121,7 @@ class Transformer:
 
     def window_of(self, l: int) -> int:
         """Keys layer l attends to back from each query, its own included (0: all)."""
-        return self.shape.sliding_window if l in self.shape.sliding_layers else 0
+        return self.windows[l]
 
     def rope(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """-> [(cos, sin) (T, 1, d) per RoPE type]: broadcast over heads; `qkv` picks its layer's."""

@@ -266,8 +266,10 @@ class ModelRunner:
         tok, pos, slot, rows = io.ints[0, :Rc], io.ints[1, :Rc], io.ints[2, :Rc], io.arange[:Rc]
         h = m.embed_tokens(tok)
         rope = m.rope(pos)
-        pool.pos[rows, slot] = pos
-        windowed = _windowed_bias(pool.bias[:Rc], pool.pos[:Rc], pos, s.sliding_window)
+        windowed = None
+        if s.sliding_window:  # slot positions matter to sliding-window layers only
+            pool.pos[rows, slot] = pos
+            windowed = _windowed_bias(pool.bias[:Rc], pool.pos[:Rc], pos, s.sliding_window)
         for l in range(s.n_layers):
             q, k, v = m.qkv(l, h, rope)
             pool.k[l, rows, :, slot] = k.float()
@@ -357,10 +359,12 @@ class ModelRunner:
             bi, rows, sl = ints[at: at + n], ints[at + n: at + 2 * n], ints[at + 2 * n: at + 3 * n]
             gidx.append((bi, rows, sl))
             at += 3 * n
-            pool.pos[rows, sl] = ints[B: 2 * B][bi]
-            p = torch.full((pool.rows,), NO_POS, dtype=torch.long, device=dev)
-            p[rows] = ints[B: 2 * B][bi]
-            windowed.append(_windowed_bias(pool.bias[: pool.rows], pool.pos[: pool.rows], p, s.sliding_window))
+            windowed.append(None)
+            if s.sliding_window:  # slot positions matter to sliding-window layers only
+                pool.pos[rows, sl] = ints[B: 2 * B][bi]
+                p = torch.full((pool.rows,), NO_POS, dtype=torch.long, device=dev)
+                p[rows] = ints[B: 2 * B][bi]
+                windowed[-1] = _windowed_bias(pool.bias[: pool.rows], pool.pos[: pool.rows], p, s.sliding_window)
         lookups = _StepLookups(kvs, list(range(B)), top_ks, buf, B, m, self.scratch)
         cpu = lookups.any
         with self._decode_backends():
@@ -631,11 +635,9 @@ class _RowIO:
             self.done.record()
 
 
-def _windowed_bias(bias: torch.Tensor, slot_pos: torch.Tensor, pos: torch.Tensor, W: int) -> torch.Tensor | None:
+def _windowed_bias(bias: torch.Tensor, slot_pos: torch.Tensor, pos: torch.Tensor, W: int) -> torch.Tensor:
     """The static part's bias (R, n) for a sliding-window layer: a slot counts while its token is one of
-    the last W up to the row's position pos (R,) (its own included). None for a model without one."""
-    if not W:
-        return None
+    the last W up to the row's position pos (R,) (its own included)."""
     return torch.where(slot_pos > (pos[:, None] - W), bias, float("-inf"))
 
 
