@@ -186,7 +186,8 @@ def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int, p
             out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
         return out
     except torch.OutOfMemoryError as e:
-        return {"mode": att.mode, "top_k": att.top_k, "status": "oom", "error": str(e).splitlines()[0]}
+        return {"mode": att.mode, "top_k": att.top_k, "status": "oom", "prompt_tokens": len(ids),
+                "error": str(e).splitlines()[0]}
     finally:
         if kv is not None:
             kv.free()

@@ -234,9 +234,9 @@ class SequenceKV:
         # The static part of the partial modes is small (sink + window), so it is kept in float32: its
         # scores then never round to bf16 before the softmax. `full` keeps the model dtype and uses SDPA.
         self.pool, self.row = None, -1  # the partial modes take a row of a pool last in __init__ (no leak)
-        if self.full:
-            self._k = torch.zeros(L, G, n, d, device=device, dtype=dtype)
-            self._v = torch.zeros(L, G, n, d, device=device, dtype=dtype)
+        if self.full:  # per layer: a sliding-window layer keeps a ring of its window (token i in slot i % size)
+            self._k = [torch.zeros(G, min(w, total_len) or n, d, device=device, dtype=dtype) for w in self.windows]
+            self._v = [torch.zeros_like(k) for k in self._k]
             self._bias = torch.full((n,), float("-inf"), device=device)
         self.written = 0  # ring writes so far
         self.evicted = 0  # ring slots handed to the CPU store (or dropped, in streaming mode)
@@ -283,13 +283,14 @@ class SequenceKV:
             self.pool = (pools or StaticPools(shape, device)).get(n)
             self.row = self.pool.alloc()
 
-    # the static part: a row of the pool (looked up each time: the pool may have grown)
+    # the static part: a row of the pool (looked up each time: the pool may have grown), indexed [l][G, slot];
+    # `full` mode's is a list of per-layer buffers
     @property
-    def k(self) -> torch.Tensor:
+    def k(self) -> torch.Tensor | list[torch.Tensor]:
         return self._k if self.pool is None else self.pool.k[:, self.row]
 
     @property
-    def v(self) -> torch.Tensor:
+    def v(self) -> torch.Tensor | list[torch.Tensor]:
         return self._v if self.pool is None else self.pool.v[:, self.row]
 
     @property
@@ -360,10 +361,14 @@ class SequenceKV:
         makes), whose index is built in `pool`."""
         sink, mid, win = self.split
         N = k.shape[0]
-        self.k[l, :, :sink] = k[:sink].transpose(0, 1)
-        self.v[l, :, :sink] = v[:sink].transpose(0, 1)
-        self.k[l, :, self.S: self.S + win] = k[N - win:].transpose(0, 1)
-        self.v[l, :, self.S: self.S + win] = v[N - win:].transpose(0, 1)
+        if self.full and self.windows[l]:  # its ring: the last tokens, each in its slot
+            t = min(N, self.k[l].shape[1])
+            slots = torch.arange(N - t, N, device=self.device) % self.k[l].shape[1]
+            self.k[l][:, slots], self.v[l][:, slots] = k[N - t:].transpose(0, 1), v[N - t:].transpose(0, 1)
+        else:
+            self.k[l][:, :sink], self.v[l][:, :sink] = k[:sink].transpose(0, 1), v[:sink].transpose(0, 1)
+            self.k[l][:, self.S: self.S + win] = k[N - win:].transpose(0, 1)
+            self.v[l][:, self.S: self.S + win] = v[N - win:].transpose(0, 1)
         futures = []
         e = self.new_entry
         if e is not None:
@@ -425,13 +430,17 @@ class SequenceKV:
             return
         B = self.cfg.evict_block
         C = min(_round_up(max(slots, self.C + FULL_CHUNK, self.C * 5 // 4), B), _round_up(self.total_len, B))
-        L, G, _, d = self.k.shape
-        k = torch.zeros(L, G, C, d, device=self.device, dtype=self.k.dtype)
-        v = torch.zeros_like(k)
+        for l in range(len(self._k)):
+            if self.windows[l]:  # a ring never grows
+                continue
+            for buf in (self._k, self._v):  # one layer at a time: the old and new buffers of one layer at once
+                old, buf[l] = buf[l], torch.zeros(old.shape[0], C, old.shape[2], device=self.device, dtype=old.dtype)
+                buf[l][:, : self.C] = old
+                del old
         bias = torch.full((C,), float("-inf"), device=self.device)
         ring_tok = np.zeros(C, np.int64)
-        k[:, :, : self.C], v[:, :, : self.C], bias[: self.C], ring_tok[: self.C] = self.k, self.v, self.bias, self.ring_tok
-        self._k, self._v, self._bias, self.ring_tok, self.C = k, v, bias, ring_tok, C
+        bias[: self.C], ring_tok[: self.C] = self.bias, self.ring_tok
+        self._bias, self.ring_tok, self.C = bias, ring_tok, C
 
     def _evict_block(self):
         """Move the ring's oldest block to every layer's store. The insertions into the indexes run on the
@@ -466,16 +475,18 @@ class SequenceKV:
             self._insert_s += f.result()
 
     def write(self, l: int, slot: int, k: torch.Tensor, v: torch.Tensor):
-        self.k[l, :, slot] = k
-        self.v[l, :, slot] = v
+        if self.full and self.windows[l]:
+            slot %= self.k[l].shape[1]
+        self.k[l][:, slot] = k
+        self.v[l][:, slot] = v
 
     def attend_full(self, l: int, q: torch.Tensor) -> torch.Tensor:
         """`full` mode: q (H, d) over every token so far -> (H, d). The query heads of a KV group go in as
         that group's "sequence" (one position, no mask), so SDPA's fused kernels read each K/V once."""
-        hi = self.written
-        lo = max(0, hi - self.windows[l]) if self.windows[l] else 0  # a sliding-window layer: its last keys
-        G, d = self.k.shape[1], q.shape[-1]
-        o = F.scaled_dot_product_attention(q.view(1, G, -1, d), self.k[None, l, :, lo:hi], self.v[None, l, :, lo:hi],
+        # a sliding-window layer's ring holds its last keys (their order does not matter to attention)
+        n = min(self.written, self.k[l].shape[1])
+        G, d = self.k[l].shape[0], q.shape[-1]
+        o = F.scaled_dot_product_attention(q.view(1, G, -1, d), self.k[l][None, :, :n], self.v[l][None, :, :n],
                                            scale=self.scale)
         return o.view(-1, d)
 

@@ -10,11 +10,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 STEPS = 72  # past the first eviction from the ring (a 512-token window in a 576-slot ring)
 
 
-@pytest.fixture(scope="module")
-def gpu_engine():
+@pytest.fixture(scope="module", params=["smollm2-135m", "gemma-3-270m"])
+def gpu_engine(request):
+    """Llama layers, and Gemma 3's mix of sliding-window layers (a windowed bias in the graphs) and global ones."""
     from engine.llm_engine import Engine, EngineConfig
 
-    eng = Engine(EngineConfig(model="smollm2-135m", load_format="dummy", device="cuda", dtype="float32",
+    eng = Engine(EngineConfig(model=request.param, load_format="dummy", device="cuda", dtype="float32",
                               max_num_seqs=4))
     yield eng
     eng.shutdown()
@@ -48,6 +49,7 @@ def test_graph_step_equals_eager_step(gpu_engine, modes):
     prompts = [torch.randint(0, gpu_engine.shape.vocab_size, (1500 + 200 * i,), generator=g).tolist()
                for i in range(len(modes))]
     atts = [AttentionConfig(mode=m) for m in modes]
+    assert gpu_engine.runner._graphs, "the engine captured no graphs: this would compare eager with eager"
     eager_tokens, eager_logits = decode(gpu_engine, prompts, atts, graphs=False)
     graph_tokens, graph_logits = decode(gpu_engine, prompts, atts, graphs=True)
     assert graph_tokens == eager_tokens
@@ -59,7 +61,8 @@ def test_prefill_through_host_memory_equals_prefill_on_device(gpu_engine):
     """On CUDA a long prompt's hidden states stream through pinned host memory on a side stream (forced
     here for a short prompt, with small chunks): the copies are ordered with the layers' work, so the
     logits and the offloaded keys are those of hidden states kept on the device."""
-    runner, att = gpu_engine.runner, AttentionConfig(mode="flat", sink=16, window=64)
+    runner = gpu_engine.runner
+    att = AttentionConfig(mode="flat", sink=16, window=max(64, gpu_engine.shape.sliding_window))
     ids = torch.randint(100, gpu_engine.shape.vocab_size - 100, (3000,), generator=torch.Generator().manual_seed(1))
     chunk, limit = runner.chunk, runner.hidden_device_bytes
 
@@ -70,7 +73,8 @@ def test_prefill_through_host_memory_equals_prefill_on_device(gpu_engine):
             logits, _ = runner.prefill(ids.tolist(), kv)
         finally:
             runner.chunk, runner.hidden_device_bytes = chunk, limit
-        keys = kv.stores[3].kv_rows(kv.stores[3].n)[0].clone()
+        store = kv.stores[gpu_engine.shape.global_layers[-1]]  # a sliding-window layer has no store
+        keys = store.kv_rows(store.n)[0].clone()
         kv.free()
         return logits.cpu(), keys
 

@@ -55,6 +55,18 @@ def test_full_mode_is_transformers_gemma3(gemma):
     assert float((ours - ref).norm() / ref.norm()) < 1e-4
 
 
+def test_full_mode_keeps_a_ring_of_the_window_in_a_sliding_window_layer(gemma):
+    """As transformers' hybrid cache: the test above runs through its wrap-around (700 tokens, 512 slots)."""
+    from engine.kv import FULL_CHUNK
+
+    kv = SequenceKV(gemma.shape, AttentionConfig(mode="full"), 20_000, gemma.device, torch.float32)
+    try:
+        assert [k.shape[1] for k in kv.k] == [512 if l in gemma.shape.sliding_layers else FULL_CHUNK
+                                              for l in range(gemma.shape.n_layers)]
+    finally:
+        kv.free()
+
+
 def test_flat_with_every_key_equals_full_and_only_global_layers_offload(gemma):
     """A 2K-token prompt and a window eviction while decoding: `flat` over every offloaded key gives `full`'s
     logits; the sliding-window layers attend from the device ring alone and their stores stay empty."""
