@@ -434,9 +434,10 @@ class SequenceKV:
             if self.windows[l]:  # a ring never grows
                 continue
             for buf in (self._k, self._v):  # one layer at a time: the old and new buffers of one layer at once
-                old, buf[l] = buf[l], torch.zeros(old.shape[0], C, old.shape[2], device=self.device, dtype=old.dtype)
-                buf[l][:, : self.C] = old
-                del old
+                G, _, d = buf[l].shape
+                new = torch.zeros(G, C, d, device=self.device, dtype=buf[l].dtype)
+                new[:, : self.C] = buf[l]
+                buf[l] = new
         bias = torch.full((C,), float("-inf"), device=self.device)
         ring_tok = np.zeros(C, np.int64)
         bias[: self.C], ring_tok[: self.C] = self.bias, self.ring_tok

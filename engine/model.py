@@ -113,11 +113,12 @@ class Transformer:
         self.scale = shape.scale
         self.act = (lambda x: F.gelu(x, approximate="tanh")) if gemma else F.silu
         # Gemma scales the embeddings by sqrt(hidden), rounded to the weights' dtype as transformers does
-        self.embed_scale = torch.tensor(shape.hidden_size ** 0.5, dtype=self.dtype) if gemma else None
+        # (on the device: a decode step captured in a CUDA graph cannot copy it there)
+        self.embed_scale = torch.tensor(shape.hidden_size ** 0.5, dtype=self.dtype, device=self.device) if gemma else None
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.embed[ids]
-        return h * self.embed_scale.to(h.device) if self.embed_scale is not None else h
+        return h * self.embed_scale if self.embed_scale is not None else h
 
     def window_of(self, l: int) -> int:
         """Keys layer l attends to back from each query, its own included (0: all)."""
