@@ -235,7 +235,8 @@ class SequenceKV:
         # scores then never round to bf16 before the softmax. `full` keeps the model dtype and uses SDPA.
         self.pool, self.row = None, -1  # the partial modes take a row of a pool last in __init__ (no leak)
         if self.full:  # per layer: a sliding-window layer keeps a ring of its window (token i in slot i % size)
-            self._k = [torch.zeros(G, min(w, total_len) or n, d, device=device, dtype=dtype) for w in self.windows]
+            most = _round_up(max(total_len, 1), B)  # the most tokens it may hold (next_slot)
+            self._k = [torch.zeros(G, min(w, most) or n, d, device=device, dtype=dtype) for w in self.windows]
             self._v = [torch.zeros_like(k) for k in self._k]
             self._bias = torch.full((n,), float("-inf"), device=device)
         self.written = 0  # ring writes so far
@@ -434,9 +435,9 @@ class SequenceKV:
             if self.windows[l]:  # a ring never grows
                 continue
             for buf in (self._k, self._v):  # one layer at a time: the old and new buffers of one layer at once
-                G, _, d = buf[l].shape
+                G, n, d = buf[l].shape  # n > self.C where a grow that ran out of memory got this far
                 new = torch.zeros(G, C, d, device=self.device, dtype=buf[l].dtype)
-                new[:, : self.C] = buf[l]
+                new[:, : min(n, C)] = buf[l][:, :C]
                 buf[l] = new
         bias = torch.full((C,), float("-inf"), device=self.device)
         ring_tok = np.zeros(C, np.int64)

@@ -3,6 +3,7 @@ Its `full` mode is transformers' model; the partial modes keep only the global l
 import pytest
 import torch
 
+from engine import kv as kv_module
 from engine.attention import AttentionConfig
 from engine.kv import SequenceKV
 from engine.sampling import SamplingParams
@@ -37,7 +38,7 @@ def greedy(gemma, ids, att: AttentionConfig, steps: int):
         kv.free()
 
 
-def test_full_mode_is_transformers_gemma3(gemma):
+def test_full_mode_is_transformers_gemma3(gemma, monkeypatch):
     """fp32, a prompt past the sliding window: the same logits (1e-4 relative) and greedy tokens."""
     from transformers import AutoModelForCausalLM
 
@@ -46,22 +47,24 @@ def test_full_mode_is_transformers_gemma3(gemma):
     assert gemma.shape.sliding_window == 512 and gemma.shape.global_layers == [5, 11, 17]
     hf = AutoModelForCausalLM.from_pretrained(str(_gguf_cache_dir(gemma_270m_path())), dtype=torch.float32)
     assert type(hf).__name__ == "Gemma3ForCausalLM"
-    ids = prompt(gemma, 700)
-    ours, _ = greedy(gemma, ids, AttentionConfig(mode="full"), 5)
-    tokens = ours.argmax(-1).tolist()
-    with torch.no_grad():
-        ref = hf(torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1:].float()
-    assert ref.argmax(-1).tolist() == tokens
-    assert float((ours - ref).norm() / ref.norm()) < 1e-4
+    # past the window at the prefill; and within it at the prefill, past it while decoding, the global
+    # layers' buffers growing by 8 slots at a time beside the rings
+    for n, steps, chunk in ((700, 5, kv_module.FULL_CHUNK), (500, 24, 8)):
+        monkeypatch.setattr(kv_module, "FULL_CHUNK", chunk)
+        ids = prompt(gemma, n)
+        ours, _ = greedy(gemma, ids, AttentionConfig(mode="full"), steps)
+        tokens = ours.argmax(-1).tolist()
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1:].float()
+        assert ref.argmax(-1).tolist() == tokens
+        assert float((ours - ref).norm() / ref.norm()) < 1e-4
 
 
 def test_full_mode_keeps_a_ring_of_the_window_in_a_sliding_window_layer(gemma):
     """As transformers' hybrid cache: the test above runs through its wrap-around (700 tokens, 512 slots)."""
-    from engine.kv import FULL_CHUNK
-
     kv = SequenceKV(gemma.shape, AttentionConfig(mode="full"), 20_000, gemma.device, torch.float32)
     try:
-        assert [k.shape[1] for k in kv.k] == [512 if l in gemma.shape.sliding_layers else FULL_CHUNK
+        assert [k.shape[1] for k in kv.k] == [512 if l in gemma.shape.sliding_layers else kv_module.FULL_CHUNK
                                               for l in range(gemma.shape.n_layers)]
     finally:
         kv.free()
