@@ -220,7 +220,7 @@ class SequenceKV:
         B = cfg.evict_block
         self.full = cfg.mode == "full"
         # per layer: keys a sliding-window layer attends to (0: every key); such a layer keeps no CPU store
-        self.windows = [shape.sliding_window if l in shape.sliding_layers else 0 for l in range(L)]
+        self.windows = shape.layer_windows
         if not self.full and min(shape.sliding_window, total_len) > cfg.window:
             raise ValueError(f"the static window ({cfg.window}) must hold the model's sliding window "
                              f"({shape.sliding_window})")

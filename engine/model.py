@@ -43,6 +43,11 @@ class ModelShape:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
+    def layer_windows(self) -> list[int]:
+        """Per layer: the keys it attends to back from each query, its own included (0: every key)."""
+        return [self.sliding_window if l in self.sliding_layers else 0 for l in range(self.n_layers)]
+
+    @property
     def global_layers(self) -> list[int]:
         """Layers that attend to every earlier token: the ones whose keys leave the device."""
         return [l for l in range(self.n_layers) if l not in self.sliding_layers]
@@ -109,7 +114,7 @@ class Transformer:
         self.rotary = (Gemma3RotaryEmbedding if gemma else LlamaRotaryEmbedding)(hf_config).to(self.device)
         self.rope_types = ["full_attention", "sliding_attention"] if gemma else [None]
         self.rope_of_layer = [int(l in shape.sliding_layers) for l in range(shape.n_layers)]
-        self.windows = [shape.sliding_window * r for r in self.rope_of_layer]  # per layer (0: every key)
+        self.windows = shape.layer_windows  # made once: window_of runs per layer and decode step
         self.scale = shape.scale
         self.act = (lambda x: F.gelu(x, approximate="tanh")) if gemma else F.silu
         # Gemma scales the embeddings by sqrt(hidden), rounded to the weights' dtype as transformers does
