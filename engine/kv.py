@@ -561,7 +561,7 @@ class SequenceKV:
         """Keys it searches on the CPU: its own and the cached entry's it sees (in a global layer)."""
         if self.stores is None:
             return 0
-        return self.stores[self.windows.index(0)].n + self.cached_n
+        return next((st.n for st, w in zip(self.stores, self.windows) if not w), 0) + self.cached_n
 
     def free(self):
         inserts = [f for f in self._inserts if f is not None]

@@ -48,7 +48,7 @@ def test_full_mode_is_transformers_gemma3(gemma, monkeypatch):
     hf = AutoModelForCausalLM.from_pretrained(str(_gguf_cache_dir(gemma_270m_path())), dtype=torch.float32)
     assert type(hf).__name__ == "Gemma3ForCausalLM"
     # past the window at the prefill; and within it at the prefill, past it while decoding, the global
-    # layers' buffers growing by 8 slots at a time beside the rings
+    # layers' buffers starting small and growing (at the prefill and while decoding) beside the rings
     for n, steps, chunk in ((700, 5, kv_module.FULL_CHUNK), (500, 24, 8)):
         monkeypatch.setattr(kv_module, "FULL_CHUNK", chunk)
         ids = prompt(gemma, n)
@@ -143,3 +143,26 @@ def test_retrieval_finds_the_passkey_when_full_does(gemma, seed):
                      12, done=s.correct)
     assert s.correct(out["full"]["text"]), "full should solve this length (measured 4/4): else the test proves nothing"
     assert s.correct(out["retrieval"]["text"]), (out["full"]["text"], out["retrieval"]["text"])
+
+def test_full_mode_scales_scores_by_query_pre_attn_scalar(tmp_path):
+    """A Gemma 3 whose query_pre_attn_scalar is not head_dim (as in the 27B): random weights saved as a
+    checkpoint; `full` gives transformers' logits (the embedded 270M has both at 256: no check of it)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from engine.loader import load_model
+    from engine.model_runner import ModelRunner
+
+    cfg = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=8,
+                           sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    hf = Gemma3ForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    model, _ = load_model(str(tmp_path), "cpu", torch.float32)
+    kv = SequenceKV(model.shape, AttentionConfig(mode="full"), 41, torch.device("cpu"), torch.float32)
+    ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    ours, _ = ModelRunner(model, 1).prefill(ids, kv)
+    kv.free()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0, -1].float()
+    assert float((ours - ref).norm() / ref.norm()) < 1e-4
