@@ -56,20 +56,36 @@ def sync(dev: torch.device):
 def profile_steps(engine: Engine, kv: SequenceKV, tokens: list[int], pos: int, top_k: int, n: int) -> dict:
     """n more decode steps under torch.profiler: the device's busy time per step (kernels and copies),
     launches per step and the costliest kernels, so that host overhead shows as step time minus the rest."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with _device_profile(True) as prof:
         for i in range(n):
             logits = engine.runner.decode(tokens[-1], pos + i, kv, top_k)
             tokens.append(int(torch.argmax(logits)))
+    return _device_summary(prof, n)
+
+
+def _device_profile(on: bool):
+    from contextlib import nullcontext
+
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if on else nullcontext()
+
+
+def _device_summary(prof, n: int) -> dict:
+    """The device's busy time per step (kernels and copies), its ops per step and the costliest ones; the
+    host ops with the most time of their own (launch and dispatch overhead, under the profiler's own)."""
+    from torch.autograd import DeviceType
+
     dev = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
     busy_us = sum(e.self_device_time_total for e in dev)
-    top = sorted(dev, key=lambda e: -e.self_device_time_total)[:8]
+    top = sorted(dev, key=lambda e: -e.self_device_time_total)[:12]
     return {"steps": n, "device_busy_ms_per_step": round(busy_us / n / 1e3, 3),
             "device_ops_per_step": round(sum(e.count for e in dev) / n, 1),
             "top_device_ops": [{"name": e.key[:80], "ms_per_step": round(e.self_device_time_total / n / 1e3, 3),
-                                "calls_per_step": round(e.count / n, 1)} for e in top]}
+                                "calls_per_step": round(e.count / n, 1)} for e in top],
+            "top_host_ops": [{"name": e.key[:80], "self_ms_per_step": round(e.self_cpu_time_total / n / 1e3, 3),
+                              "calls_per_step": round(e.count / n, 1)}
+                             for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]]}
 
 
 def lookup_profile(engine: Engine, kv: SequenceKV, token: int, pos: int, top_k: int, reps: int = 20) -> dict:
@@ -115,7 +131,7 @@ def lookup_profile(engine: Engine, kv: SequenceKV, token: int, pos: int, top_k: 
 
 
 def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int, profile: int = 0,
-             graphs: bool = True, profile_lookups: bool = False) -> dict:
+             graphs: bool = True, profile_lookups: bool = False, profile_prefill: bool = False) -> dict:
     import gc
 
     gc.collect()  # the last mode's stores are gone before this one's fill host memory
@@ -137,8 +153,10 @@ def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int, p
                 last[0] = time.perf_counter()
                 print(f"  {att.mode} {len(ids)}: layer {l + 1} after {last[0] - t0:.0f} s", file=sys.stderr, flush=True)
 
-        logits, stats = engine.runner.prefill(ids, kv, on_layer=progress)
-        sync(dev)
+        prof = _device_profile(profile_prefill and dev.type == "cuda")
+        with prof:
+            logits, stats = engine.runner.prefill(ids, kv, on_layer=progress)
+            sync(dev)
         ttft = time.perf_counter() - t0
         tokens, lat, retr, host, wait = [int(torch.argmax(logits))], [], [], [], []
         for i in range(steps):
@@ -177,6 +195,8 @@ def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int, p
         }
         if profile_lookups and kv.stores is not None and kv.n_offloaded:
             out["lookup_profile"] = lookup_profile(engine, kv, tokens[-1], len(ids) + steps, att.top_k)
+        if profile_prefill and dev.type == "cuda":
+            out["prefill_profile"] = _device_summary(prof, 1)  # (its wall time is the TTFT, profiler included)
         if profile and dev.type == "cuda":
             try:
                 out["profile"] = profile_steps(engine, kv, tokens, len(ids) + steps, att.top_k, profile)
@@ -225,6 +245,10 @@ def main(argv=None):
                     help="time a few layers' CPU lookups alone by numba thread count, with keys scanned per head")
     ap.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="on",
                     help="CUDA: decode steps replay captured graphs, run eagerly, or each mode both ways")
+    ap.add_argument("--compile", choices=("on", "off"), default="on",
+                    help="CUDA: torch.compile's fused kernels (the engine's default) or eager ops")
+    ap.add_argument("--profile-prefill", action="store_true",
+                    help="CUDA: each mode's prefill under torch.profiler: device busy time and the costliest ops")
     ap.add_argument("--out", default="bench/results/decode_speed.json")
     a = ap.parse_args(argv)
 
@@ -235,7 +259,7 @@ def main(argv=None):
     t = time.perf_counter()
     admission = [(int(n), dt) for n, dt in (x.split(":") for x in a.admission.split(",") if x)]
     engine = Engine(EngineConfig(model=a.model, load_format=a.load_format, device=a.device, dtype=a.dtype,
-                                 max_num_seqs=1, cuda_graphs=a.cuda_graphs != "off",
+                                 max_num_seqs=1, cuda_graphs=a.cuda_graphs != "off", compile=a.compile == "on",
                                  max_model_len=max(contexts + [n for n, _ in admission]) + a.steps + 64))
     load_s = time.perf_counter() - t
     if a.prefill_attention == "local":
@@ -255,7 +279,7 @@ def main(argv=None):
            "device": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else platform.processor() or "cpu",
            "gpu_mem_cap_gb": a.gpu_mem_gb}
     report = {"bench": "decode_speed", "model": a.model, "load_format": a.load_format, "dtype": engine.config.dtype,
-              "contexts": contexts, "steps": a.steps, "load_s": round(load_s, 2), "env": env,
+              "contexts": contexts, "steps": a.steps, "load_s": round(load_s, 2), "compile": a.compile, "env": env,
               "prefill_attention": a.prefill_attention if a.prefill_attention == "full" else
               f"local ({a.local_window} keys back; benchmark-only)", "admission": admitted,
               "command": "python bench/decode_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -275,7 +299,8 @@ def main(argv=None):
                 for graph in variants if retrieval else [{}]:
                     att = base.override(mode=mode, top_k=a.top_k, copy_threshold=ct, **graph)
                     for graphs in {"on": [True], "off": [False], "both": [True, False]}[a.cuda_graphs]:
-                        r = run_mode(engine, ids, att, a.steps, a.profile_steps, graphs, a.profile_lookups)
+                        r = run_mode(engine, ids, att, a.steps, a.profile_steps, graphs, a.profile_lookups,
+                                     a.profile_prefill)
                         if retrieval:
                             r["graph"] = {"ef": att.index.ef, "degree": att.index.degree, "knn": att.index.knn,
                                           "queries_per_head": att.graph_queries(len(ids))}

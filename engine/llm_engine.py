@@ -64,6 +64,7 @@ class EngineConfig:
     max_num_seqs: int = 8              # requests that share a decode step
     prefill_slice: float = 0.25        # seconds of prefill work at most between two decode steps
     cuda_graphs: bool = True           # CUDA: decode steps replay graphs captured at start (False: eager)
+    compile: bool = True               # CUDA: torch.compile fuses the elementwise work at start (False: eager ops)
     cpu_kv_budget_gb: float | None = None  # host memory for the running requests' CPU stores (None: available)
     doc_cache_gb: float | None = None  # document cache, within cpu_kv_budget (None: a quarter of it; 0: off)
     build_threads: int = 0             # index builds in parallel on CUDA (0: one per core)
@@ -164,6 +165,10 @@ class Engine:
         self.copy_scores = copy_scores(self.model)  # (L, H): heads that retrieval scans exactly
         self.runner = ModelRunner(self.model, config.build_threads)
         self.pools = StaticPools(self.shape, self.device)  # the running requests' static parts, batched
+        if self.device.type == "cuda" and config.compile:
+            t = time.perf_counter()
+            self.runner.compile()
+            log.info("torch.compile: the model's fused kernels built in %.1f s", time.perf_counter() - t)
         if self.device.type == "cuda" and config.cuda_graphs:
             self._capture_graphs()
         warm_up()  # the CPU kernels compile here, not inside the first request that offloads

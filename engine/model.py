@@ -100,6 +100,28 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _qkv(x, attn_norm, wq, wk, wv, bq, bk, bv, q_norm, k_norm, cos, sin, eps: float, H: int, G: int, d: int):
+    """A layer's roped q (T, H, d), k and v (T, G, d) from h (T, D) (module level and on tensors alone:
+    torch.compile then makes one set of kernels for every layer)."""
+    x = rms_norm(x, attn_norm, eps)
+    q = F.linear(x, wq, bq).view(-1, H, d)
+    k = F.linear(x, wk, bk).view(-1, G, d)
+    v = F.linear(x, wv, bv).view(-1, G, d)
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+
+def _finish(h, attn, wo, attn_out_norm, mlp_norm, w_gate, w_up, w_down, mlp_out_norm, eps: float, gelu: bool):
+    """h (T, D) += the attention output attn (T, H * d) projected, then += the MLP's output, in place."""
+    o = F.linear(attn, wo)
+    h += o if attn_out_norm is None else rms_norm(o, attn_out_norm, eps)
+    x = rms_norm(h, mlp_norm, eps)
+    g = F.linear(x, w_gate)
+    y = F.linear((F.gelu(g, approximate="tanh") if gelu else F.silu(g)) * F.linear(x, w_up), w_down)
+    h += y if mlp_out_norm is None else rms_norm(y, mlp_out_norm, eps)
+
+
 class Transformer:
     def __init__(self, hf_config: PretrainedConfig, shape: ModelShape, embed: torch.Tensor,
                  layers: list[LayerWeights], norm: torch.Tensor, lm_head: torch.Tensor, chunk: int = 2048):
@@ -116,7 +138,8 @@ class Transformer:
         self.rope_of_layer = [int(l in shape.sliding_layers) for l in range(shape.n_layers)]
         self.windows = shape.layer_windows  # made once: window_of runs per layer and decode step
         self.scale = shape.scale
-        self.act = (lambda x: F.gelu(x, approximate="tanh")) if gemma else F.silu
+        self.gelu = gemma  # the MLP's activation: GeLU-tanh, else SiLU
+        self._qkv, self._finish = _qkv, _finish  # `compile()` swaps in fused versions
         # Gemma scales the embeddings by sqrt(hidden), rounded to the weights' dtype as transformers does
         # (on the device: a decode step captured in a CUDA graph cannot copy it there)
         self.embed_scale = torch.tensor(shape.hidden_size ** 0.5, dtype=self.dtype, device=self.device) if gemma else None
@@ -147,30 +170,27 @@ class Transformer:
             return lambda a, b: [(c[a - start: b - start], s[a - start: b - start]) for c, s in tables]
         return lambda a, b: self.rope(torch.arange(a, b, device=self.device))
 
+    def compile(self):
+        """Fuse the elementwise work around the matmuls (norms, RoPE, residuals, the MLP's activation) into
+        generated kernels: a decode step of an 8B model launches ~1,800 kernels eagerly, most of them tiny,
+        and those launches, not the weights, bound it. CUDA only; the shapes compile on first use, which the
+        engine makes at start (graph capture's warm-up)."""
+        self._qkv, self._finish = torch.compile(_qkv), torch.compile(_finish)
+
     def qkv(self, l: int, h: torch.Tensor, rope: list):
         """h (T, D) -> roped q (T, H, d), k (T, G, d), v (T, G, d); rope: `rope(positions)` of the T tokens."""
         s, w = self.shape, self.layers[l]
-        x = rms_norm(h, w.attn_norm, s.rms_norm_eps)
-        q = F.linear(x, w.wq, w.bq).view(-1, s.n_heads, s.head_dim)
-        k = F.linear(x, w.wk, w.bk).view(-1, s.n_kv_heads, s.head_dim)
-        v = F.linear(x, w.wv, w.bv).view(-1, s.n_kv_heads, s.head_dim)
-        if w.q_norm is not None:
-            q, k = rms_norm(q, w.q_norm, s.rms_norm_eps), rms_norm(k, w.k_norm, s.rms_norm_eps)
         cos, sin = rope[self.rope_of_layer[l]]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        return q, k, v
+        return self._qkv(h, w.attn_norm, w.wq, w.wk, w.wv, w.bq, w.bk, w.bv, w.q_norm, w.k_norm, cos, sin,
+                         s.rms_norm_eps, s.n_heads, s.n_kv_heads, s.head_dim)
 
     def finish_layer(self, l: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual + output projection, then residual + MLP, chunked over tokens, in place on h."""
         s, w = self.shape, self.layers[l]
         for a in range(0, h.shape[0], self.chunk):
             b = a + self.chunk
-            o = F.linear(attn[a:b].reshape(-1, s.n_heads * s.head_dim), w.wo)
-            h[a:b] += o if w.attn_out_norm is None else rms_norm(o, w.attn_out_norm, s.rms_norm_eps)
-            x = rms_norm(h[a:b], w.mlp_norm, s.rms_norm_eps)
-            y = F.linear(self.act(F.linear(x, w.w_gate)) * F.linear(x, w.w_up), w.w_down)
-            h[a:b] += y if w.mlp_out_norm is None else rms_norm(y, w.mlp_out_norm, s.rms_norm_eps)
+            self._finish(h[a:b], attn[a:b].reshape(-1, s.n_heads * s.head_dim), w.wo, w.attn_out_norm, w.mlp_norm,
+                         w.w_gate, w.w_up, w.w_down, w.mlp_out_norm, s.rms_norm_eps, self.gelu)
         return h
 
     def logits(self, h_last: torch.Tensor) -> torch.Tensor:

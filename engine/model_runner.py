@@ -8,6 +8,7 @@ Only one layer's K/V and the hidden states are ever on the device at once.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
@@ -26,7 +27,7 @@ from .attention import merge_partial_attention, partial_attention
 from .kv import NO_POS, SequenceKV, StaticPool
 from .model import Transformer
 
-
+log = logging.getLogger("rattn.engine")
 HIDDEN_DEVICE_BYTES = 512 * 2**20
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -81,6 +82,25 @@ class ModelRunner:
         # and pass through the device a chunk at a time (the device then holds one layer's K/V and chunks)
         self.hidden_device_bytes = HIDDEN_DEVICE_BYTES if self.device.type == "cuda" else float("inf")
         self.prefill_window = 0  # benchmarks only: > 0 restricts prefill attention to this many keys back
+        self.cudnn_prefill = self.device.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)
+        self._attend, self._merge = partial_attention, merge_partial_attention  # `compile()`: fused versions
+
+    @torch.inference_mode()
+    def compile(self):
+        """The elementwise work around the matmuls fused by torch.compile (the model's and the partial-attention
+        arithmetic's), compiled here on dummy inputs: two sizes of each varying dimension make it dynamic, and
+        one row (which torch.compile specialises) is compiled apart; no request pays a compilation."""
+        m, s, dev = self.model, self.model.shape, self.device
+        m.compile()
+        self._attend, self._merge = torch.compile(partial_attention), torch.compile(merge_partial_attention)
+        G, d = s.n_kv_heads, s.head_dim
+        for T, n in ((2, 16), (3, 24), (1, 16), (1, 24)):
+            h = torch.zeros(T, s.hidden_size, device=dev, dtype=m.dtype)
+            q, _, _ = m.qkv(0, h, m.rope(torch.arange(T, device=dev)))
+            m.finish_layer(0, h, q)
+            kv = torch.zeros(T, G, n, d, device=dev)
+            o, mx, sm = self._attend(q.float(), kv, kv, torch.zeros(T, n, device=dev), m.scale)
+            self._merge(o, mx, sm, o, mx, sm)
 
     def prefill(self, ids: list[int], kv: SequenceKV, capture=None,
                 on_layer: Callable[[int], None] | None = None) -> tuple[torch.Tensor, PrefillStats]:
@@ -158,10 +178,7 @@ class ModelRunner:
                     for rows, rows_dev, q_rows in filter(None, sampled):
                         lo, hi = torch.searchsorted(rows, torch.tensor([a, b])).tolist()
                         q_rows[lo:hi] = q[rows_dev[lo:hi] - a]
-                    lo, mask = self._prefill_mask(l, a, b)
-                    o = F.scaled_dot_product_attention(
-                        q.transpose(0, 1)[None], k_all[lo:b].transpose(0, 1)[None],
-                        v_all[lo:b].transpose(0, 1)[None], attn_mask=mask, scale=m.scale, enable_gqa=True)
+                    o = self._prefill_attention(l, a, b, q, k_all, v_all)
                     # the chunk's layer output at once, in place: its input rows are no other chunk's, and no
                     # attention output of the whole prompt is kept (N x hidden on the device)
                     m.finish_layer(l, x, o[0].transpose(0, 1))
@@ -184,6 +201,20 @@ class ModelRunner:
                 yield s.n_layers
         t2 = time.perf_counter()
         return logits, [PrefillStats(N, t1 - t0, t2 - t1, kv.build_seconds(), kv.offloaded_tokens(), c) for kv in kvs]
+
+    def _prefill_attention(self, l: int, a: int, b: int, q, k_all, v_all) -> torch.Tensor:
+        """Chunk [a, b)'s queries q (b - a, H, d) of layer l over their keys -> (1, H, b - a, d). On CUDA a
+        global layer's chunk runs as two cuDNN calls, as `causal_chunk_cudnn` says; else SDPA with the mask."""
+        if self.cudnn_prefill and not self.model.window_of(l) and not self.prefill_window:
+            try:
+                return causal_chunk_cudnn(q, k_all[:b], v_all[:b], a, self.model.scale)
+            except RuntimeError as e:  # a cuDNN that refuses the shapes: FlashAttention, as before
+                log.warning("cuDNN prefill attention unavailable (%s): FlashAttention instead", str(e).splitlines()[0])
+                self.cudnn_prefill = False
+        lo, mask = self._prefill_mask(l, a, b)
+        return F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_all[lo:b].transpose(0, 1)[None],
+                                              v_all[lo:b].transpose(0, 1)[None], attn_mask=mask,
+                                              scale=self.model.scale, enable_gqa=True)
 
     def _prefill_mask(self, l: int, a: int, b: int):
         """(first key, mask) of prompt chunk [a, b) in layer l: causal over every earlier key; in a
@@ -280,12 +311,12 @@ class ModelRunner:
                 buf.q_host[:Rc].copy_(qf, non_blocking=True)
                 yield "query", l
             bias = windowed if m.window_of(l) else pool.bias[:Rc]
-            o, mx, sm = partial_attention(qf, pool.k[l, :Rc], pool.v[l, :Rc], bias, m.scale)
+            o, mx, sm = self._attend(qf, pool.k[l, :Rc], pool.v[l, :Rc], bias, m.scale)
             if lookup:
                 yield "lookup", l
                 buf.o_dev[:Rc].copy_(buf.o_host[:Rc], non_blocking=True)
                 buf.ms_dev[:Rc].copy_(buf.ms_host[:Rc], non_blocking=True)
-                o = merge_partial_attention(o, mx, sm, buf.o_dev[:Rc], buf.ms_dev[:Rc, 0], buf.ms_dev[:Rc, 1])
+                o = self._merge(o, mx, sm, buf.o_dev[:Rc], buf.ms_dev[:Rc, 0], buf.ms_dev[:Rc, 1])
             o = o.to(q.dtype)
             if capture is not None:
                 capture(l, o)
@@ -386,7 +417,7 @@ class ModelRunner:
                 for (pool, _), (bi, rows, _), wb in zip(groups, gidx, windowed):  # queued on the device
                     qp = qf.new_zeros(pool.rows, *q.shape[1:])
                     qp[rows] = qf[bi]
-                    part = partial_attention(qp, pool.k[l, : pool.rows], pool.v[l, : pool.rows],
+                    part = self._attend(qp, pool.k[l, : pool.rows], pool.v[l, : pool.rows],
                                              wb if m.window_of(l) else pool.bias[: pool.rows], m.scale)
                     static.append(tuple(x[rows] for x in part))
                 for b in full:
@@ -398,7 +429,7 @@ class ModelRunner:
                     buf.ms_dev[:B].copy_(buf.ms_host[:B], non_blocking=True)
                 for (o_w, m_w, s_w), (bi, _, _) in zip(static, gidx):
                     if lookup:
-                        o_w = merge_partial_attention(o_w, m_w, s_w, buf.o_dev[bi], buf.ms_dev[bi, 0],
+                        o_w = self._merge(o_w, m_w, s_w, buf.o_dev[bi], buf.ms_dev[bi, 0],
                                                       buf.ms_dev[bi, 1])
                     o[bi] = o_w.to(q.dtype)
                 if capture is not None:
@@ -422,6 +453,27 @@ class ModelRunner:
         """Seconds the host waited for the device (each layer's query copy) since the last call."""
         secs, self._wait_s = self._wait_s, 0.0
         return secs
+
+
+def causal_chunk_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: int, scale: float) -> torch.Tensor:
+    """The queries q (c, H, d) at positions [a, a + c) over the keys k/v (a + c, G, d), causally -> (1, H, c, d).
+
+    cuDNN's attention runs a long prefill's layer in 0.25 s where FlashAttention-2 takes 0.40 (H200, 128K,
+    Llama-3-8B heads; bench/prefill_attention.py), but masks only square-causal: so the chunk attends to
+    its own keys causally and to the earlier keys unmasked, two calls whose results merge by log-sum-exp."""
+    def part(kk, vv, causal):
+        o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q.transpose(0, 1)[None], kk.transpose(0, 1)[None], vv.transpose(0, 1)[None], None, True, 0.0, causal,
+            False, scale=scale)[:2]
+        return o, lse.reshape(*o.shape[:-1], 1)
+
+    o2, l2 = part(k[a:], v[a:], True)
+    if a == 0:
+        return o2
+    o1, l1 = part(k[:a], v[:a], False)
+    m = torch.maximum(l1, l2)
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
+    return ((w1 * o1.float() + w2 * o2.float()) / (w1 + w2)).to(q.dtype)
 
 
 class _PrefillHidden:

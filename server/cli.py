@@ -53,6 +53,8 @@ ENGINE_FLAGS = {
                                   "off)"),
     "cuda_graphs": (int, 1, "CUDA: decode steps replay CUDA graphs captured at start (0: eager, every op launched "
                             "from Python)"),
+    "compile": (int, 1, "CUDA: torch.compile fuses the elementwise work around the matmuls, at start (0: off; "
+                        "starts sooner, decodes slower)"),
     "stall_timeout": (float, 120.0, "when the engine makes no progress (a layer, a token) for this many seconds, "
                                    "/health and the requests waiting on it answer 503"),
 }
@@ -128,7 +130,7 @@ def engine_config(a: dict):
                        attention=att, max_model_len=a["max_model_len"], max_queue=a.get("max_queue", 64),
                        cpu_threads=a["cpu_threads"], request_timeout=a["request_timeout"],
                        stall_timeout=a["stall_timeout"], max_num_seqs=a["max_num_seqs"],
-                       prefill_slice=a["prefill_slice"], cuda_graphs=bool(a["cuda_graphs"]),
+                       prefill_slice=a["prefill_slice"], cuda_graphs=bool(a["cuda_graphs"]), compile=bool(a["compile"]),
                        cpu_kv_budget_gb=a["cpu_kv_budget"], doc_cache_gb=a["doc_cache_gb"])
     if store == "auto":  # the device and dtype are resolved now
         cfg.attention = cfg.attention.override(dtype="bf16" if cfg.dtype == "bfloat16" else "float32")

@@ -80,3 +80,24 @@ def test_prefill_through_host_memory_equals_prefill_on_device(gpu_engine):
 
     (a, ka), (b, kb) = prefill(False), prefill(True)
     assert torch.equal(a, b) and torch.equal(ka, kb)
+
+
+@pytest.mark.parametrize("a", [0, 512, 1000])
+def test_cudnn_chunk_attention_equals_masked_sdpa(a):
+    """A prefill chunk's attention as two cuDNN calls merged by log-sum-exp (its own keys causal, the earlier
+    ones unmasked) equals SDPA with the lower-right causal mask, GQA heads included."""
+    from torch.nn.attention.bias import causal_lower_right
+    import torch.nn.functional as F
+
+    from engine.model_runner import causal_chunk_cudnn
+
+    g = torch.Generator(device="cuda").manual_seed(a)
+    c, H, G, d = 256, 8, 2, 64
+    q = torch.randn(c, H, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(a + c, G, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    want = F.scaled_dot_product_attention(q.transpose(0, 1)[None].float(), k.transpose(0, 1)[None].float(),
+                                          v.transpose(0, 1)[None].float(), attn_mask=causal_lower_right(c, a + c),
+                                          scale=0.125, enable_gqa=True)
+    got = causal_chunk_cudnn(q, k, v, a, 0.125)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
