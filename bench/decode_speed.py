@@ -177,7 +177,8 @@ def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int, p
         out = {
             "mode": att.mode, "top_k": att.top_k, "status": "ok", "prompt_tokens": len(ids),
             "kv_store_dtype": att.index.dtype if att.store_kind else None,
-            "cuda_graphs": graphs and engine.pools.fixed is not None and kv.pool is engine.pools.fixed,
+            "cuda_graphs": graphs and (bool(engine.runner._full_graphs) if kv.pool is None
+                                       else engine.pools.fixed is not None and kv.pool is engine.pools.fixed),
             "copy_threshold": att.copy_threshold, "exact_heads": int(sum(s.exact.sum() for s in kv.stores or [])),
             "ttft_s": round(ttft, 4), "prefill_compute_s": round(stats.compute_s, 4),
             "index_wait_s": round(stats.index_wait_s, 4), "index_build_s_sum": round(stats.build_s, 4),

@@ -490,7 +490,7 @@ class SequenceKV:
         G, d = self.k[l].shape[0], q.shape[-1]
         o = F.scaled_dot_product_attention(q.view(1, G, -1, d), self.k[l][None, :, :n], self.v[l][None, :, :n],
                                            scale=self.scale)
-        return o.view(-1, d)
+        return o.reshape(-1, d)  # SDPA's memory-efficient kernel (float32) returns another layout
 
     def lookup(self, l: int, q: np.ndarray, top_k: int, out_o: np.ndarray, out_m: np.ndarray, out_s: np.ndarray):
         """Layer l's CPU part for q (H, d) float32 on the host, once keys are offloaded: top-k offloaded keys

@@ -74,6 +74,8 @@ class ModelRunner:
         self._io: _RowIO | None = None  # the eager steps'
         self._graph_io: dict[int, _RowIO] = {}  # per fixed pool: what its graphs read and write
         self._graphs: dict[int, dict] = {}  # per fixed pool: {rows: {has CPU part: [(point, layer, graph)]}}
+        self._full_io: _RowIO | None = None  # `full` steps' graphs: what they read and write
+        self._full_graphs: dict[int, list] = {}  # {rows: [(point, layer, graph)]}
         self.use_graphs = True  # False: every step eager (graphs stay captured)
         self.scratch = BatchScratch(model.shape.head_dim)  # the batched lookups' search lists, per CPU thread
         self._to_device = _HostToDevice(self.device)  # a cached document's K/V, on their way to a prefill
@@ -244,12 +246,15 @@ class ModelRunner:
         `slots`: the ring slots already taken for the tokens (kv.next_slot), if the caller took them.
 
         Sequences that share one static pool (the usual case) run as the pool's rows (`_decode_rows`, CUDA
-        graphs where captured); any other mix of pools and `full` sequences runs `_decode_mixed`."""
+        graphs where captured), `full` sequences alone as `_decode_full` (graphs between their attention
+        calls); any other mix of pools and `full` sequences runs `_decode_mixed`."""
         if slots is None:
             slots = [kv.next_slot(t) for kv, t in zip(kvs, tokens)]
         pool = kvs[0].pool
         if pool is not None and all(kv.pool is pool for kv in kvs):
             return self._decode_rows(pool, tokens, positions, kvs, top_ks, slots, capture)
+        if all(kv.pool is None for kv in kvs):
+            return self._decode_full(tokens, positions, kvs, slots, capture)
         return self._decode_mixed(tokens, positions, kvs, top_ks, slots, capture)
 
     # ------------------------------------------------------------------ one pool: a step over its rows
@@ -326,7 +331,7 @@ class ModelRunner:
     def _eager_io(self, size: int) -> "_RowIO":
         """The eager steps' buffers (one set for both paths, grown as needed: steps never overlap)."""
         if self._io is None or self._io.size < size:  # by doubling: a batch that grows by one reallocates rarely
-            self._io = _RowIO(max(size, 2 * self._io.size if self._io else 0), self.model.shape, self.device)
+            self._io = _RowIO(max(size, 2 * self._io.size if self._io else 0), self.model, self.device)
         return self._io
 
     def capture_graphs(self, pool: StaticPool, sizes: list[int]):
@@ -335,7 +340,7 @@ class ModelRunner:
         a step without, one per stretch between the host's points for a step with. The graphs share one
         memory pool (they never run at once) and read and write only the pool and their _RowIO."""
         assert pool.fixed and self.device.type == "cuda"
-        io = self._graph_io[id(pool)] = _RowIO(pool.k.shape[1], self.model.shape, self.device)
+        io = self._graph_io[id(pool)] = _RowIO(pool.k.shape[1], self.model, self.device)
         graphs, mem = {}, torch.cuda.graph_pool_handle()
         with torch.inference_mode(), self._decode_backends():
             io.ints[:] = 0
@@ -349,6 +354,13 @@ class ModelRunner:
                         pass
                     torch.cuda.synchronize(self.device)
                     graphs[Rc][cpu] = self._capture(self._rows_step(pool, io, Rc, cpu), mem)
+            fio = self._full_io = _RowIO(max(sizes), self.model, self.device)
+            self._full_graphs = {}
+            for Rc in sorted(sizes, reverse=True):
+                for _ in self._full_step(fio, Rc):  # warm-up
+                    pass
+                torch.cuda.synchronize(self.device)
+                self._full_graphs[Rc] = self._capture(self._full_step(fio, Rc), mem)
         torch.cuda.synchronize(self.device)
         self._graphs[id(pool)] = graphs
 
@@ -366,6 +378,55 @@ class ModelRunner:
                     done = True
             out.append((point, l, g))
         return out
+
+    # ------------------------------------------------------------------ `full` sequences alone
+    def _decode_full(self, tokens, positions, kvs, slots, capture) -> torch.Tensor:
+        """A step of `full` sequences: per layer, the device work up to q/k/v, then the host writes each
+        sequence's K/V into its own buffer and attends over all of it (one SDPA call per sequence: the
+        buffers grow and move, so no graph holds them), then the rest of the layer. The stretches between
+        those points replay CUDA graphs where captured (`capture_graphs`), else run eagerly."""
+        B = len(kvs)
+        graphs = self._full_graphs if capture is None and self.use_graphs else None
+        Rc = next((r for r in sorted(graphs or ()) if r >= B), None)
+        if Rc is None:  # eager, or more sequences than any captured size
+            graphs, Rc = None, B
+        io = self._full_io if graphs is not None else self._eager_io(B)
+        io.wait_last_step()
+        ints = io.ints_host.numpy()
+        ints[:2, :Rc] = 0
+        ints[0, :B], ints[1, :B] = tokens, positions
+        io.ints.copy_(io.ints_host, non_blocking=True)
+
+        def attend(l: int):  # padding rows keep a stale output: their results are dropped
+            for b, kv in enumerate(kvs):
+                kv.write(l, slots[b], io.k[b], io.v[b])
+                io.o[b] = kv.attend_full(l, io.q[b])
+            if capture is not None:
+                capture(l, io.o[:B])
+
+        with self._decode_backends():
+            if graphs is not None:
+                for point, l, graph in graphs[Rc]:
+                    graph.replay()
+                    if point is not None:
+                        attend(l)
+            else:
+                for _, l in self._full_step(io, Rc):
+                    attend(l)
+        io.step_done()
+        return io.logits[:B].clone()  # the buffer is the next step's
+
+    def _full_step(self, io: "_RowIO", Rc: int):
+        """The device work of a `full` step over io rows [0, Rc), as a generator that yields ("attend", l)
+        once layer l's q/k/v are in io.q/k/v; the host then fills io.o (`_decode_full`)."""
+        m = self.model
+        h = m.embed_tokens(io.ints[0, :Rc])
+        rope = m.rope(io.ints[1, :Rc])
+        for l in range(m.shape.n_layers):
+            io.q[:Rc], io.k[:Rc], io.v[:Rc] = m.qkv(l, h, rope)
+            yield "attend", l
+            m.finish_layer(l, h, io.o[:Rc])
+        io.logits[:Rc] = m.logits(h)
 
     # ------------------------------------------------------------------ any mix: pools and `full`
     def _decode_mixed(self, tokens, positions, kvs, top_ks, slots, capture) -> torch.Tensor:
@@ -665,11 +726,17 @@ class _StepLookups:
 
 class _RowIO:
     """A row step's inputs and outputs for up to `size` rows: tokens, positions and slots (host staging,
-    pinned on CUDA, and device), the lookups' buffers and the logits. Fixed addresses: graphs read them."""
+    pinned on CUDA, and device), the lookups' buffers, a `full` step's q/k/v/o and the logits. Fixed
+    addresses: graphs read them."""
 
-    def __init__(self, size: int, shape, device: torch.device):
-        pin = device.type == "cuda"
+    def __init__(self, size: int, model: Transformer, device: torch.device):
+        pin, shape = device.type == "cuda", model.shape
         self.size = size
+        # `full` steps: each layer's q/k/v out of the device work, its attention output back in
+        self.q = torch.empty(size, shape.n_heads, shape.head_dim, dtype=model.dtype, device=device)
+        self.k = torch.empty(size, shape.n_kv_heads, shape.head_dim, dtype=model.dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.o = torch.zeros_like(self.q)
         self.ints_host = torch.zeros(3, size, dtype=torch.long, pin_memory=pin)
         self.ints = torch.zeros(3, size, dtype=torch.long, device=device)
         self.arange = torch.arange(size, device=device)

@@ -35,7 +35,7 @@ def decode(eng, prompts, atts, graphs: bool):
             logits.append(out.cpu())
             for t, row in zip(tokens, out):
                 t.append(int(row.argmax()))
-        assert all(kv.pool is eng.pools.fixed for kv in kvs)
+        assert all(kv.pool is (None if kv.full else eng.pools.fixed) for kv in kvs)
         return tokens, torch.stack(logits)
     finally:
         for kv in kvs:
@@ -43,13 +43,17 @@ def decode(eng, prompts, atts, graphs: bool):
         eng.runner.use_graphs = True
 
 
-@pytest.mark.parametrize("modes", [("retrieval", "streaming", "flat"), ("streaming",), ("retrieval",)])
+@pytest.mark.parametrize("modes", [("retrieval", "streaming", "flat"), ("streaming",), ("retrieval",),
+                                   ("full", "full", "full")])
 def test_graph_step_equals_eager_step(gpu_engine, modes):
+    """Pooled modes replay the row graphs; `full` alone the graphs between its attention calls (3 sequences in
+    the graphs of 4 rows: a padding row too)."""
     g = torch.Generator().manual_seed(len(modes))
     prompts = [torch.randint(0, gpu_engine.shape.vocab_size, (1500 + 200 * i,), generator=g).tolist()
                for i in range(len(modes))]
     atts = [AttentionConfig(mode=m) for m in modes]
-    assert gpu_engine.runner._graphs, "the engine captured no graphs: this would compare eager with eager"
+    assert gpu_engine.runner._graphs and gpu_engine.runner._full_graphs, \
+        "the engine captured no graphs: this would compare eager with eager"
     eager_tokens, eager_logits = decode(gpu_engine, prompts, atts, graphs=False)
     graph_tokens, graph_logits = decode(gpu_engine, prompts, atts, graphs=True)
     assert graph_tokens == eager_tokens
