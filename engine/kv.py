@@ -197,6 +197,12 @@ def offloadable(total_len: int, prompt_len: int, S: int, W: int) -> int:
     return max(0, total_len - min(S, prompt_len) - W)
 
 
+def window_needed(shape: ModelShape, mode: str, total_len: int) -> int:
+    """The smallest static window of a request of total_len tokens: a sliding-window layer attends from the
+    static part's ring, which must hold the model's window, or the whole request where it is shorter."""
+    return 0 if mode == "full" else min(shape.sliding_window, total_len)
+
+
 def static_slots(cfg: AttentionConfig, total_len: int) -> tuple[int, int, int]:
     """(sink slots S, ring slots C, window W) of a request of total_len tokens in a partial mode: sized by
     what the request can use, never by a sink or window larger than the request itself."""
@@ -221,7 +227,7 @@ class SequenceKV:
         self.full = cfg.mode == "full"
         # per layer: keys a sliding-window layer attends to (0: every key); such a layer keeps no CPU store
         self.windows = shape.layer_windows
-        if not self.full and min(shape.sliding_window, total_len) > cfg.window:
+        if cfg.window < window_needed(shape, cfg.mode, total_len):
             raise ValueError(f"the static window ({cfg.window}) must hold the model's sliding window "
                              f"({shape.sliding_window})")
         # Device buffers are sized by what this request can use, never by a sink or window larger than

@@ -31,7 +31,7 @@ from .attention import AttentionConfig
 from .detokenize import IncrementalDetokenizer
 from .doc_cache import MIN_TOKENS, DocCache, DocEntry, fingerprint
 from .heads import copy_scores
-from .kv import SequenceKV, StaticPools, entry_bytes, host_bytes, static_slots
+from .kv import SequenceKV, StaticPools, entry_bytes, host_bytes, static_slots, window_needed
 from .logging_context import request_id
 from .loader import EMBEDDED, load_model
 from .model_runner import ModelRunner, PrefillStats
@@ -237,10 +237,11 @@ class Engine:
         return lo
 
     # ------------------------------------------------------------------ public API
-    def check_window(self, attention: AttentionConfig):
-        """A sliding-window layer attends from the ring of the static part: it must hold the model's window."""
-        W = min(self.shape.sliding_window, self.max_model_len)  # no sequence outgrows max_model_len
-        if W and attention.mode != "full" and attention.window < W:
+    def check_window(self, attention: AttentionConfig, total_len: int):
+        """A sliding-window layer attends from the ring of the static part: it must hold the model's window
+        (or the whole request, prompt and new tokens, where that is shorter)."""
+        W = window_needed(self.shape, attention.mode, total_len)
+        if attention.window < W:
             raise ValueError(f"this model's sliding-window layers attend to the last {W} tokens: the attention "
                              f"window must be at least {W} (it is {attention.window})")
 
@@ -287,7 +288,7 @@ class Engine:
         if max(request.prompt_ids) >= self.shape.vocab_size or min(request.prompt_ids) < 0:
             raise ValueError("prompt token ids out of the vocabulary")
         seq = Sequence(request, request.attention or self.config.attention, on_output)
-        self.check_window(seq.attention)
+        self.check_window(seq.attention, n + mt)
         seq.host_bytes = self.admit_host_bytes(n, mt, seq.attention)
         if self.config.request_timeout:
             seq.deadline = seq.arrival + self.config.request_timeout

@@ -152,7 +152,9 @@ class ModelRunner:
         c = kvs[0].prefix_len
         assert all(kv.prefix_len == c for kv in kvs), "one prefill serves one cached prefix"
         entry = kvs[0].hit
-        on_host = (N - c) * s.hidden_size * m.dtype.itemsize > self.hidden_device_bytes
+        # (a prompt of a few chunks would hold as much device memory in the ring of chunk buffers)
+        on_host = ((N - c) * s.hidden_size * m.dtype.itemsize > self.hidden_device_bytes
+                   and N - c > _PrefillHidden.SLOTS * self.chunk)
         rope = m.rope_of(c, N)
         sampled = []  # per kv: (rows on host, rows on device, gathered queries) for a graph build, else None
         for kv in kvs:

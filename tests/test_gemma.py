@@ -104,10 +104,13 @@ def test_a_sliding_window_layer_never_reads_outside_its_window(gemma):
     assert not torch.allclose(next_logits(gemma.shape.global_layers[0]), base, atol=1e-3)
 
 
-def test_a_window_smaller_than_the_sliding_window_is_refused(gemma):
+def test_a_window_smaller_than_the_sliding_window_is_refused_unless_the_request_fits_it(gemma):
     with pytest.raises(ValueError, match="at least 512"):
-        gemma.submit(Request(prompt(gemma, 10), SamplingParams(max_tokens=2), AttentionConfig(window=256)),
+        gemma.submit(Request(prompt(gemma, 10), SamplingParams(max_tokens=600), AttentionConfig(window=256)),
                      lambda o: None)
+    # prompt and new tokens within the window: no token ever leaves it, the request is served
+    short = Request(prompt(gemma, 10), SamplingParams(max_tokens=4, ignore_eos=True), AttentionConfig(window=256))
+    assert len(gemma.generate(short)) == 4
 
 
 def test_the_gemma3_shapes_for_dummy_weights():
