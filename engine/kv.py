@@ -229,7 +229,7 @@ class SequenceKV:
         self.windows = shape.layer_windows
         if cfg.window < window_needed(shape, cfg.mode, total_len):
             raise ValueError(f"the static window ({cfg.window}) must hold the model's sliding window "
-                             f"({shape.sliding_window})")
+                             f"({shape.sliding_window}), or the whole request ({total_len} tokens)")
         # Device buffers are sized by what this request can use, never by a sink or window larger than
         # the request itself. `full` starts with room for a first chunk and grows (see _grow).
         if self.full:

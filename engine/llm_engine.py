@@ -167,8 +167,8 @@ class Engine:
         self.pools = StaticPools(self.shape, self.device)  # the running requests' static parts, batched
         if self.device.type == "cuda" and config.compile:
             t = time.perf_counter()
-            self.runner.compile()
-            log.info("torch.compile: the model's fused kernels built in %.1f s", time.perf_counter() - t)
+            if self.runner.compile():
+                log.info("torch.compile: the model's fused kernels built in %.1f s", time.perf_counter() - t)
         if self.device.type == "cuda" and config.cuda_graphs:
             self._capture_graphs()
         warm_up()  # the CPU kernels compile here, not inside the first request that offloads
@@ -187,7 +187,8 @@ class Engine:
 
     def _capture_graphs(self):
         """A fixed static pool that holds every running request whose static part fits the default sink +
-        window, and the decode step over it captured for batches of 1, 2, 4, ... max_num_seqs rows."""
+        window, and the decode step over it captured for batches of 1, 2, 4, ... max_num_seqs rows; and the
+        step of `full` requests alone for the same sizes."""
         if "dynamic" in str(getattr(self.model.rotary, "rope_type", "")):  # its RoPE tables change with the length
             log.warning("dynamic RoPE: decoding without CUDA graphs")
             return
@@ -198,10 +199,13 @@ class Engine:
         t = time.perf_counter()
         try:
             self.runner.capture_graphs(pool, sizes)
+            log.info("decode step captured as CUDA graphs for batches of %s in %.1f s", sizes, time.perf_counter() - t)
         except Exception:  # the eager step serves the same pool
             log.exception("CUDA graph capture failed: decoding eagerly")
-            return
-        log.info("decode step captured as CUDA graphs for batches of %s in %.1f s", sizes, time.perf_counter() - t)
+        try:
+            self.runner.capture_full_graphs(sizes)
+        except Exception:
+            log.exception("CUDA graph capture of the full-attention step failed: full mode decodes eagerly")
 
     def _host_budgets(self) -> tuple[int, int]:
         """(bytes for the running requests' CPU stores and the document cache together, the most the cache
@@ -242,8 +246,9 @@ class Engine:
         (or the whole request, prompt and new tokens, where that is shorter)."""
         W = window_needed(self.shape, attention.mode, total_len)
         if attention.window < W:
-            raise ValueError(f"this model's sliding-window layers attend to the last {W} tokens: the attention "
-                             f"window must be at least {W} (it is {attention.window})")
+            raise ValueError(f"this model's sliding-window layers attend to the last {self.shape.sliding_window} "
+                             f"tokens: this request's attention window must be at least {W} (it is "
+                             f"{attention.window})")
 
     def admit_host_bytes(self, prompt_len: int, max_tokens: int, attention: AttentionConfig) -> int:
         """The host memory a request may need (kv.host_bytes); ValueError, giving it and the budget, if it

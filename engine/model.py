@@ -174,7 +174,7 @@ class Transformer:
         """Fuse the elementwise work around the matmuls (norms, RoPE, residuals, the MLP's activation) into
         generated kernels: a decode step of an 8B model launches ~1,800 kernels eagerly, most of them tiny,
         and those launches, not the weights, bound it. CUDA only; the shapes compile on first use, which the
-        engine makes at start (graph capture's warm-up)."""
+        runner makes at start (ModelRunner.compile)."""
         self._qkv, self._finish = torch.compile(_qkv), torch.compile(_finish)
 
     def qkv(self, l: int, h: torch.Tensor, rope: list):

@@ -76,6 +76,7 @@ class ModelRunner:
         self._graphs: dict[int, dict] = {}  # per fixed pool: {rows: {has CPU part: [(point, layer, graph)]}}
         self._full_io: _RowIO | None = None  # `full` steps' graphs: what they read and write
         self._full_graphs: dict[int, list] = {}  # {rows: [(point, layer, graph)]}
+        self._graph_mem = None  # the graphs' shared memory pool
         self.use_graphs = True  # False: every step eager (graphs stay captured)
         self.scratch = BatchScratch(model.shape.head_dim)  # the batched lookups' search lists, per CPU thread
         self._to_device = _HostToDevice(self.device)  # a cached document's K/V, on their way to a prefill
@@ -88,21 +89,35 @@ class ModelRunner:
         self._attend, self._merge = partial_attention, merge_partial_attention  # `compile()`: fused versions
 
     @torch.inference_mode()
-    def compile(self):
+    def compile(self) -> bool:
         """The elementwise work around the matmuls fused by torch.compile (the model's and the partial-attention
-        arithmetic's), compiled here on dummy inputs: two sizes of each varying dimension make it dynamic, and
-        one row (which torch.compile specialises) is compiled apart; no request pays a compilation."""
+        arithmetic's), compiled here on dummy inputs made as the decode step's are (dynamo guards on layouts and
+        on inference-mode tensors): two sizes of each varying dimension make it dynamic, and one row (which
+        torch.compile specialises) is compiled apart, so requests find it compiled (tests/test_compile.py).
+        False, and the eager functions kept, if it cannot compile here (no compiler for the device, say)."""
         m, s, dev = self.model, self.model.shape, self.device
-        m.compile()
-        self._attend, self._merge = torch.compile(partial_attention), torch.compile(merge_partial_attention)
-        G, d = s.n_kv_heads, s.head_dim
-        for T, n in ((2, 16), (3, 24), (1, 16), (1, 24)):
-            h = torch.zeros(T, s.hidden_size, device=dev, dtype=m.dtype)
-            q, _, _ = m.qkv(0, h, m.rope(torch.arange(T, device=dev)))
-            m.finish_layer(0, h, q)
-            kv = torch.zeros(T, G, n, d, device=dev)
-            o, mx, sm = self._attend(q.float(), kv, kv, torch.zeros(T, n, device=dev), m.scale)
-            self._merge(o, mx, sm, o, mx, sm)
+        eager = (m._qkv, m._finish, self._attend, self._merge)
+        try:
+            m.compile()
+            self._attend, self._merge = torch.compile(partial_attention), torch.compile(merge_partial_attention)
+            G, H, d = s.n_kv_heads, s.n_heads, s.head_dim
+            for T, n in ((2, 16), (3, 24), (1, 16), (1, 24)):
+                h = torch.zeros(T, s.hidden_size, device=dev, dtype=m.dtype)
+                q, _, _ = m.qkv(0, h, m.rope(torch.arange(T, device=dev)))
+                m.finish_layer(0, h, q)
+                with torch.inference_mode(False):  # as a pool's tensors are (dynamo guards on it)
+                    k, v, bias = (torch.zeros(*dims, device=dev) for dims in ((T, G, n, d), (T, G, n, d), (T, n)))
+                for b in (bias, bias.clone()):  # a pool's bias; a sliding-window layer's, made in the step
+                    o, mx, sm = self._attend(q.float(), k, v, b, m.scale)
+                # the CPU part's m and s: views of one buffer (pool rows), or gathered (a mixed step)
+                ms, o2 = torch.zeros(T, 2, H, device=dev), torch.zeros(T, H, d, device=dev)
+                for m2, s2 in ((ms[:, 0], ms[:, 1]), (ms[:, 0].clone(), ms[:, 1].clone())):
+                    self._merge(o, mx, sm, o2, m2, s2)
+        except Exception:
+            log.exception("torch.compile failed: the model runs its eager ops")
+            m._qkv, m._finish, self._attend, self._merge = eager
+            return False
+        return True
 
     def prefill(self, ids: list[int], kv: SequenceKV, capture=None,
                 on_layer: Callable[[int], None] | None = None) -> tuple[torch.Tensor, PrefillStats]:
@@ -152,9 +167,7 @@ class ModelRunner:
         c = kvs[0].prefix_len
         assert all(kv.prefix_len == c for kv in kvs), "one prefill serves one cached prefix"
         entry = kvs[0].hit
-        # (a prompt of a few chunks would hold as much device memory in the ring of chunk buffers)
-        on_host = ((N - c) * s.hidden_size * m.dtype.itemsize > self.hidden_device_bytes
-                   and N - c > _PrefillHidden.SLOTS * self.chunk)
+        on_host = (N - c) * s.hidden_size * m.dtype.itemsize > self.hidden_device_bytes
         rope = m.rope_of(c, N)
         sampled = []  # per kv: (rows on host, rows on device, gathered queries) for a graph build, else None
         for kv in kvs:
@@ -209,10 +222,14 @@ class ModelRunner:
     def _prefill_attention(self, l: int, a: int, b: int, q, k_all, v_all) -> torch.Tensor:
         """Chunk [a, b)'s queries q (b - a, H, d) of layer l over their keys -> (1, H, b - a, d). On CUDA a
         global layer's chunk runs as two cuDNN calls, as `causal_chunk_cudnn` says; else SDPA with the mask."""
-        if self.cudnn_prefill and not self.model.window_of(l) and not self.prefill_window:
+        # whole chunks only: a prompt's shorter last chunk would build cuDNN plans for its own shapes in
+        # every request (plans are per shape), and a one-token chunk is no shape cuDNN takes
+        if self.cudnn_prefill and b - a == self.chunk and not self.model.window_of(l) and not self.prefill_window:
             try:
                 return causal_chunk_cudnn(q, k_all[:b], v_all[:b], a, self.model.scale)
-            except RuntimeError as e:  # a cuDNN that refuses the shapes: FlashAttention, as before
+            except (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.OutOfMemoryError)):
+                raise
+            except RuntimeError as e:  # a cuDNN that refuses these heads or this device: FlashAttention from now on
                 log.warning("cuDNN prefill attention unavailable (%s): FlashAttention instead", str(e).splitlines()[0])
                 self.cudnn_prefill = False
         lo, mask = self._prefill_mask(l, a, b)
@@ -356,15 +373,25 @@ class ModelRunner:
                         pass
                     torch.cuda.synchronize(self.device)
                     graphs[Rc][cpu] = self._capture(self._rows_step(pool, io, Rc, cpu), mem)
-            fio = self._full_io = _RowIO(max(sizes), self.model, self.device)
-            self._full_graphs = {}
-            for Rc in sorted(sizes, reverse=True):
-                for _ in self._full_step(fio, Rc):  # warm-up
-                    pass
-                torch.cuda.synchronize(self.device)
-                self._full_graphs[Rc] = self._capture(self._full_step(fio, Rc), mem)
         torch.cuda.synchronize(self.device)
         self._graphs[id(pool)] = graphs
+        self._graph_mem = mem
+
+    def capture_full_graphs(self, sizes: list[int]):
+        """Capture the `full` step's stretches between its attention calls (`_decode_full`) for each batch
+        size in `sizes`, in the memory pool of the row graphs (`capture_graphs` first) if there is one."""
+        assert self.device.type == "cuda"
+        io = _RowIO(max(sizes), self.model, self.device)
+        mem = self._graph_mem or torch.cuda.graph_pool_handle()
+        graphs = {}
+        with torch.inference_mode(), self._decode_backends():
+            for Rc in sorted(sizes, reverse=True):
+                for _ in self._full_step(io, Rc):  # warm-up
+                    pass
+                torch.cuda.synchronize(self.device)
+                graphs[Rc] = self._capture(self._full_step(io, Rc), mem)
+        torch.cuda.synchronize(self.device)
+        self._full_io, self._full_graphs = io, graphs  # only once every size is captured
 
     @staticmethod
     def _capture(step, mem) -> list[tuple[str | None, int, torch.cuda.CUDAGraph]]:
@@ -404,7 +431,7 @@ class ModelRunner:
                 kv.write(l, slots[b], io.k[b], io.v[b])
                 io.o[b] = kv.attend_full(l, io.q[b])
             if capture is not None:
-                capture(l, io.o[:B])
+                capture(l, io.o[:B].clone())  # io.o is every layer's
 
         with self._decode_backends():
             if graphs is not None:
@@ -524,19 +551,17 @@ def causal_chunk_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: int
     cuDNN's attention runs a long prefill's layer in 0.25 s where FlashAttention-2 takes 0.40 (H200, 128K,
     Llama-3-8B heads; bench/prefill_attention.py), but masks only square-causal: so the chunk attends to
     its own keys causally and to the earlier keys unmasked, two calls whose results merge by log-sum-exp."""
-    def part(kk, vv, causal):
+    def part(kk, vv, causal):  # -> (o, m = log-sum-exp, s = 1): a normalised partial result
         o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
             q.transpose(0, 1)[None], kk.transpose(0, 1)[None], vv.transpose(0, 1)[None], None, True, 0.0, causal,
             False, scale=scale)[:2]
-        return o, lse.reshape(*o.shape[:-1], 1)
+        lse = lse.reshape(o.shape[:-1]).float()
+        return o.float(), lse, torch.ones_like(lse)
 
-    o2, l2 = part(k[a:], v[a:], True)
+    own = part(k[a:], v[a:], True)
     if a == 0:
-        return o2
-    o1, l1 = part(k[:a], v[:a], False)
-    m = torch.maximum(l1, l2)
-    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
-    return ((w1 * o1.float() + w2 * o2.float()) / (w1 + w2)).to(q.dtype)
+        return own[0].to(q.dtype)
+    return merge_partial_attention(*part(k[:a], v[:a], False), *own).to(q.dtype)
 
 
 class _PrefillHidden:

@@ -108,9 +108,14 @@ def test_a_window_smaller_than_the_sliding_window_is_refused_unless_the_request_
     with pytest.raises(ValueError, match="at least 512"):
         gemma.submit(Request(prompt(gemma, 10), SamplingParams(max_tokens=600), AttentionConfig(window=256)),
                      lambda o: None)
-    # prompt and new tokens within the window: no token ever leaves it, the request is served
-    short = Request(prompt(gemma, 10), SamplingParams(max_tokens=4, ignore_eos=True), AttentionConfig(window=256))
-    assert len(gemma.generate(short)) == 4
+    # prompt and new tokens within the window: no token ever leaves it, the request is served, as with the
+    # model's window
+    def tokens(window):
+        r = Request(prompt(gemma, 10), SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0),
+                    AttentionConfig(window=window))
+        return [o.token for o in gemma.generate(r)]
+
+    assert len(tokens(256)) == 4 and tokens(256) == tokens(512)
 
 
 def test_the_gemma3_shapes_for_dummy_weights():
