@@ -301,7 +301,7 @@ def main(argv=None):
     report = {"bench": "accuracy", "model": a.model, "top_k": a.top_k, "machine": f"CPU, {os.cpu_count()} cores",
               "records": a.records,
               "commands": (prev.get("commands", []) if same_file else []) + [command],
-              "wall_s": (prev.get("wall_s", 0) if same_file else 0) + time.perf_counter() - t0,
+              "wall_s": ((prev.get("wall_s") or 0) if same_file else 0) + time.perf_counter() - t0,
               "http": http, **summarize(records, [r.name for r in runs])}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
