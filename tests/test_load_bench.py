@@ -1,4 +1,4 @@
-"""bench/load.py against a real server for ~20 s with a few clients: every request ends, no 5xx, the CPU KV
+"""bench/load.py against a real server for ~12 s with a few clients: every request ends, no 5xx, the CPU KV
 is freed once idle and the server is still healthy. (RSS is not judged: a short run has no first minute.)"""
 import json
 import subprocess
@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_load_bench_short_run(tmp_path):
     out = tmp_path / "load.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "load.py"), "--clients", "3", "--duration", "20", "--seed", "1",
+    cmd = [sys.executable, str(ROOT / "bench" / "load.py"), "--clients", "3", "--duration", "12", "--seed", "1",
            "--max-tokens", "4-12", "--long-fraction", "0.2", "--long-tokens", "300-600", "--cancel-after", "0.05-1",
            "--out", str(out), "--records", str(tmp_path / "records.jsonl")]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
