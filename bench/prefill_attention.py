@@ -106,7 +106,7 @@ def main(argv=None):
         print(name, json.dumps(rows[name]), flush=True)
     flops = 4 * H * d * T * T / 2  # causal: half the score and value products
     report = {"bench": "prefill_attention", "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "context": T, "layout": {"heads": H, "kv_heads": G, "head_dim": d, "dtype": "bfloat16"},
+              "synthetic": True, "context": T, "layout": {"heads": H, "kv_heads": G, "head_dim": d, "dtype": "bfloat16"},
               "causal_tflop_per_layer": round(flops / 1e12, 2),
               "command": "python bench/prefill_attention.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "results": rows}
