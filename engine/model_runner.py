@@ -413,7 +413,7 @@ class ModelRunner:
         """A step of `full` sequences: per layer, the device work up to q/k/v, then the host writes each
         sequence's K/V into its own buffer and attends over all of it (one SDPA call per sequence: the
         buffers grow and move, so no graph holds them), then the rest of the layer. The stretches between
-        those points replay CUDA graphs where captured (`capture_graphs`), else run eagerly."""
+        those points replay CUDA graphs where captured (`capture_full_graphs`), else run eagerly."""
         B = len(kvs)
         graphs = self._full_graphs if capture is None and self.use_graphs else None
         Rc = next((r for r in sorted(graphs or ()) if r >= B), None)
