@@ -182,6 +182,7 @@ def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int, p
             "copy_threshold": att.copy_threshold, "exact_heads": int(sum(s.exact.sum() for s in kv.stores or [])),
             "ttft_s": round(ttft, 4), "prefill_compute_s": round(stats.compute_s, 4),
             "index_wait_s": round(stats.index_wait_s, 4), "index_build_s_sum": round(stats.build_s, 4),
+            "copy_wait_s": round(stats.copy_wait_s, 4),
             "offloaded_tokens": stats.offloaded,
             "decode_ms_median": round(1e3 * statistics.median(warm), 3),
             "decode_ms_mean": round(1e3 * statistics.mean(warm), 3),  # with the steps that evict a block

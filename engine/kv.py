@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Executor, Future, wait
+from typing import Callable
 from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from index import MIN_CAPACITY, NO_DESC, NO_PART, OffloadedStore, graph_knn, pack, request_row, row_format, store_format
+from index import MIN_CAPACITY, NO_DESC, NO_PART, OffloadedStore, graph_knn_later, pack, request_row, row_format, store_format
 
 from .attention import AttentionConfig
 from .doc_cache import DocEntry
@@ -362,10 +363,12 @@ class SequenceKV:
         return torch.unique(rows)
 
     def place_prefill(self, l: int, k: torch.Tensor, v: torch.Tensor, q_rows: torch.Tensor | None,
-                      pool: Executor) -> list[Future]:
-        """k/v (N, G, d) of layer l; q_rows (m, H, d) sampled roped queries. Static tokens go to the
-        device buffer; the offloaded middle goes to the CPU stores (the request's own, or the entry it
-        makes), whose index is built in `pool`."""
+                      pool: Executor, copy: Callable[[OffloadedStore, torch.Tensor, torch.Tensor], Future] | None = None
+                      ) -> tuple[list[Future], list[Future]]:
+        """k/v (N, G, d) of layer l; q_rows (m, H, d) sampled roped queries. Static tokens go to the device
+        buffer; the offloaded middle goes to the CPU stores (the request's own, or the entry it makes), copied
+        by `copy(store, k, v)` (None: a job in `pool`) and indexed in `pool`. -> (the copies: k/v must not
+        change before they are done, the index builds)."""
         sink, mid, win = self.split
         N = k.shape[0]
         if self.full and self.windows[l]:  # its ring: the last tokens, each in its slot
@@ -376,7 +379,7 @@ class SequenceKV:
             self.k[l][:, :sink], self.v[l][:, :sink] = k[:sink].transpose(0, 1), v[:sink].transpose(0, 1)
             self.k[l][:, self.S: self.S + win] = k[N - win:].transpose(0, 1)
             self.v[l][:, self.S: self.S + win] = v[N - win:].transpose(0, 1)
-        futures = []
+        reads, builds = [], []
         e = self.new_entry
         if e is not None:
             if e.stores is None:  # no stores (full, streaming): the entry keeps every token's K/V
@@ -387,28 +390,34 @@ class SequenceKV:
                 e.sink_v[l].copy_(v[:sink].transpose(0, 1))
                 e.tail_k[l].copy_(k[N - win:].transpose(0, 1))
                 e.tail_v[l].copy_(v[N - win:].transpose(0, 1))
-                futures += self._fill(e.stores[l], k[sink: N - win], v[sink: N - win], q_rows, 0, pool)
+                r, b = self._fill(e.stores[l], k[sink: N - win], v[sink: N - win], q_rows, 0, pool, copy)
+                reads, builds = reads + r, builds + b
         if self.stores is not None and not self.windows[l]:
             # room for every token this request may still evict: a store that a batched lookup has described
             # never moves (a short prompt with a long answer too)
             extra = offloadable(self.total_len, N, self.S, self.W) - self.cached_n - mid
-            futures += self._fill(self.stores[l], k[self.own_from: self.own_from + mid],
-                                  v[self.own_from: self.own_from + mid], q_rows, extra, pool)
-        return futures
+            r, b = self._fill(self.stores[l], k[self.own_from: self.own_from + mid],
+                              v[self.own_from: self.own_from + mid], q_rows, extra, pool, copy)
+            reads, builds = reads + r, builds + b
+        return reads, builds
 
     def _fill(self, store: OffloadedStore, k: torch.Tensor, v: torch.Tensor, q_rows: torch.Tensor | None,
-              extra: int, pool: Executor) -> list[Future]:
-        """Copy k/v (m, G, d) into the store with room for `extra` keys more, and queue its index build."""
+              extra: int, pool: Executor, copy) -> tuple[list[Future], list[Future]]:
+        """Room in the store for k/v (m, G, d) and `extra` keys more; their copy into it and the index build
+        queued in `pool`, a job per graph (the graph's input, each query's top keys, computed here on the
+        device and on its way to the host). -> ([the copy], [the builds])."""
         m = k.shape[0]
-        k_mid = k.transpose(0, 1)  # (G, m, d)
+        k_mid, v_mid = k.transpose(0, 1), v.transpose(0, 1)  # (G, m, d)
         store.reserve(m, extra=extra)
         if m == 0:
-            return []
-        store.write(0, k_mid, v.transpose(0, 1))
-        knn = None
+            return [], []
+        copied = copy(store, k_mid, v_mid) if copy is not None else pool.submit(store.write, 0, k_mid, v_mid)
         if store.kind == "graph":  # from the keys as the model made them (the store may keep them compact)
-            knn = graph_knn(q_rows.float(), k_mid, self.cfg.index.knn, self.cfg.index.per_head)
-        return [pool.submit(store.build, m, knn)]
+            knn = graph_knn_later(q_rows.float(), k_mid, self.cfg.index.knn, self.cfg.index.per_head)
+            return [copied], [pool.submit(lambda a=a: store.build(m, knn.array(), range(a, a + 1)))
+                              for a in range(store.A)]
+        # flat and hnswlib: after the copy (hnswlib indexes the stored keys; the copy's job, queued first, has started)
+        return [copied], [pool.submit(lambda: (copied.result(), store.build(m, None)))]
 
     # ------------------------------------------------------------------ decode
     def next_slot(self, token: int) -> int:

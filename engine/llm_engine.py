@@ -146,6 +146,8 @@ class EngineObserver(Protocol):
 
 UNBOUNDED = 2**62
 PROGRESS_LOG_S = 5.0  # a long prefill logs its progress this often
+PLAN_PREFILL_TOKENS = 131072  # cuDNN's prefill plans made at start up to here (~4 s on the H200); longer prompts
+# plan their further chunks in their own prefill
 
 
 class Engine:
@@ -169,6 +171,9 @@ class Engine:
             t = time.perf_counter()
             if self.runner.compile():
                 log.info("torch.compile: the model's fused kernels built in %.1f s", time.perf_counter() - t)
+        t = time.perf_counter()
+        if n := self.runner.plan_prefill_attention(min(self.max_model_len, PLAN_PREFILL_TOKENS)):
+            log.info("cuDNN prefill attention planned for prompts up to %d tokens in %.1f s", n, time.perf_counter() - t)
         if self.device.type == "cuda" and config.cuda_graphs:
             self._capture_graphs()
         warm_up()  # the CPU kernels compile here, not inside the first request that offloads

@@ -29,6 +29,7 @@ from .model import Transformer
 
 log = logging.getLogger("rattn.engine")
 HIDDEN_DEVICE_BYTES = 512 * 2**20
+PREFILL_HEADROOM = 2**30  # device memory a prefill chunk's work may need (MLP, attention, the graph input's scores)
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -40,6 +41,7 @@ class PrefillStats:
     build_s: float = 0.0       # index build time summed over layers (overlaps compute)
     offloaded: int = 0
     cached: int = 0            # prompt tokens whose K/V came from the document cache
+    copy_wait_s: float = 0.0   # within compute_s: a layer waiting for an earlier one's copies to the CPU stores
 
 
 class InlineExecutor(Executor):
@@ -61,7 +63,9 @@ class ModelRunner:
         self.chunk = chunk
         self.device = model.device
         # on CUDA the CPU is idle during prefill: index builds overlap the next layers there
-        self.pool = (ThreadPoolExecutor(max_workers=build_threads or os.cpu_count(), thread_name_prefix="rattn-build")
+        # (a core left to the engine thread, which launches the prefill's device work meanwhile)
+        self.pool = (ThreadPoolExecutor(max_workers=build_threads or max(1, os.cpu_count() - 1),
+                                        thread_name_prefix="rattn-build")
                      if self.device.type == "cuda" else InlineExecutor())
         # evicted blocks go into the indexes here, beside the decode steps; a pool of their own, so that they
         # never queue behind a new request's index builds
@@ -80,6 +84,8 @@ class ModelRunner:
         self.use_graphs = True  # False: every step eager (graphs stay captured)
         self.scratch = BatchScratch(model.shape.head_dim)  # the batched lookups' search lists, per CPU thread
         self._to_device = _HostToDevice(self.device)  # a cached document's K/V, on their way to a prefill
+        # a prefill's K/V on their way to the CPU stores (None: copied by a job in `pool`)
+        self._to_host = _DeviceToHost(self.device) if self.device.type == "cuda" else None
         self._wait_s = 0.0
         # a prefill's hidden states stay on the device up to this size; a longer prompt's live in host memory
         # and pass through the device a chunk at a time (the device then holds one layer's K/V and chunks)
@@ -118,6 +124,24 @@ class ModelRunner:
             m._qkv, m._finish, self._attend, self._merge = eager
             return False
         return True
+
+    @torch.inference_mode()
+    def plan_prefill_attention(self, tokens: int) -> int:
+        """cuDNN plans its attention once per shape and process, ~60 ms each, and a prompt's whole chunks each
+        have their own (the keys before them): plan them here, at start, for prompts up to `tokens` long,
+        rather than in the first long prompt (measured: its TTFT +4 s at 128K on the H200). -> the tokens
+        planned for (0: cuDNN is not used here)."""
+        m, s, c = self.model, self.model.shape, self.chunk
+        l = next((i for i in range(s.n_layers) if not m.window_of(i)), None)
+        n = tokens // c * c
+        if not self.cudnn_prefill or l is None or n == 0:
+            return 0
+        q, _, _ = m.qkv(l, torch.zeros(c, s.hidden_size, device=self.device, dtype=m.dtype), m.rope_of(0, c)(0, c))
+        k = torch.zeros(n, s.n_kv_heads, s.head_dim, device=self.device, dtype=m.dtype)
+        for a in range(0, n, c):
+            self._prefill_attention(l, a, a + c, q, k, k)
+        torch.cuda.synchronize(self.device)
+        return n if self.cudnn_prefill else 0
 
     def prefill(self, ids: list[int], kv: SequenceKV, capture=None,
                 on_layer: Callable[[int], None] | None = None) -> tuple[torch.Tensor, PrefillStats]:
@@ -177,12 +201,18 @@ class ModelRunner:
             sampled.append(None if rows is None else (
                 rows, rows.to(self.device),
                 torch.empty(len(rows), s.n_heads, s.head_dim, device=self.device, dtype=m.dtype)))
-        k_all = torch.empty(N, s.n_kv_heads, s.head_dim, device=self.device, dtype=m.dtype)
-        v_all = torch.empty_like(k_all)
+        bufs = self._prefill_kv(N, any(kv.stores is not None for kv in kvs))
+        reads: list[list[Future]] = []  # per layer: the jobs that read its K/V (copies to the CPU stores)
+        copy_wait = 0.0
         h = None
         try:
             h = _PrefillHidden(m, ids[c:], self.chunk, on_host)
             for l in range(s.n_layers):
+                k_all, v_all = bufs[l % len(bufs)]
+                if l >= len(bufs):  # the copies out of the pair this layer refills are done
+                    t = time.perf_counter()
+                    wait(reads[l - len(bufs)])
+                    copy_wait += time.perf_counter() - t
                 if c:
                     entry.copy_prefix(l, c, k_all[:c], v_all[:c], self._to_device)
                 for i, a in enumerate(range(c, N, self.chunk)):
@@ -201,8 +231,16 @@ class ModelRunner:
                     m.finish_layer(l, x, o[0].transpose(0, 1))
                     h.store(l, i)
                     yield l
+                copy = None
+                if self._to_host is not None:  # after the layer's work queued so far
+                    ready = torch.cuda.Event()
+                    ready.record()
+                    copy = lambda store, k, v, ready=ready: self._to_host.submit(store, k, v, ready)  # noqa: E731
+                reads.append([])
                 for kv, smp in zip(kvs, sampled):
-                    futures += kv.place_prefill(l, k_all, v_all, smp[2] if smp else None, self.pool)
+                    r, b = kv.place_prefill(l, k_all, v_all, smp[2] if smp else None, self.pool, copy)
+                    reads[-1] += r
+                    futures += r + b
                 yield l + 1
             logits = m.logits(h.last())
         finally:
@@ -217,7 +255,26 @@ class ModelRunner:
             if pending:
                 yield s.n_layers
         t2 = time.perf_counter()
-        return logits, [PrefillStats(N, t1 - t0, t2 - t1, kv.build_seconds(), kv.offloaded_tokens(), c) for kv in kvs]
+        return logits, [PrefillStats(N, t1 - t0, t2 - t1, kv.build_seconds(), kv.offloaded_tokens(), c, copy_wait)
+                        for kv in kvs]
+
+    def _prefill_kv(self, N: int, offloads: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prefill's K and V of a whole layer, (N, G, d) each: one pair, and where the prompt offloads
+        keys to a pool of threads (CUDA) a second one if it fits with PREFILL_HEADROOM to spare, so that a
+        layer's copies to the CPU stores read one pair while the next layer fills the other (else the next
+        layer waits for them)."""
+        s, m = self.model.shape, self.model
+        pair = lambda: tuple(torch.empty(N, s.n_kv_heads, s.head_dim, device=self.device, dtype=m.dtype)
+                             for _ in range(2))
+        bufs = [pair()]
+        if offloads and not isinstance(self.pool, InlineExecutor):
+            try:
+                bufs.append(pair())
+                if self.device.type == "cuda":  # the chunks' work beside it; freed to the allocator's cache,
+                    torch.empty(PREFILL_HEADROOM, dtype=torch.uint8, device=self.device)  # which keeps it for them
+            except torch.OutOfMemoryError:
+                del bufs[1:]
+        return bufs
 
     def _prefill_attention(self, l: int, a: int, b: int, q, k_all, v_all) -> torch.Tensor:
         """Chunk [a, b)'s queries q (b - a, H, d) of layer l over their keys -> (1, H, b - a, d). On CUDA a
@@ -696,6 +753,53 @@ class _HostToDevice:
             out[a:b] = unpack(stage.to(self.device, non_blocking=True)).transpose(0, 1)
             self.done[i] = torch.cuda.Event()
             self.done[i].record()
+
+
+class _DeviceToHost:
+    """A prefill layer's K/V into the CPU stores, off the engine thread: a thread of its own copies them on a
+    stream of its own once the layer's event has passed (the next layers run meanwhile), through two pinned
+    buffers in turn, the DMA into one overlapping the CPU's copy out of the other into the store, where a
+    copy straight into the stores' pageable memory runs at a fraction of the bus. Fixed buffers."""
+
+    CHUNK = 64 * 2**20  # bytes per buffer
+
+    def __init__(self, device: torch.device):
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rattn-offload")
+        self.stream = torch.cuda.Stream(device)
+        self.bufs = [torch.empty(self.CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+
+    def submit(self, store, k: torch.Tensor, v: torch.Tensor, ready: torch.cuda.Event) -> Future:
+        """k/v (G, m, d) on the device, complete once `ready` has passed -> the store's first m rows."""
+        return self.pool.submit(self._copy, store, k, v, ready)
+
+    def _copy(self, store, k: torch.Tensor, v: torch.Tensor, ready: torch.cuda.Event):
+        rows = store.kv_rows(k.shape[1])
+        last = None  # (event, staged rows, their place in the store): the DMA before this one
+
+        def finish(done):
+            done[0].synchronize()
+            done[2].copy_(done[1])
+
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            i = 0
+            for src, dst in zip((k, v), rows):
+                if dst is None:
+                    continue
+                G, m, row = dst.shape
+                step = max(1, self.CHUNK // (G * row * dst.element_size()))
+                for a in range(0, m, step):
+                    b = min(m, a + step)
+                    # the CPU copy out of this buffer two pieces ago is done (finish, below, in this thread)
+                    stage = self.bufs[i][: G * (b - a) * row * dst.element_size()].view(dst.dtype).view(G, b - a, row)
+                    stage.copy_(store.pack(src[:, a:b]), non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record()
+                    if last is not None:
+                        finish(last)
+                    last, i = (ev, stage, dst[:, a:b]), i ^ 1
+            if last is not None:
+                finish(last)
 
 
 class _StepBuffers:

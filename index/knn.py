@@ -5,9 +5,42 @@ import numpy as np
 import torch
 
 
+class HostIds:
+    """Key ids computed on the device, on their way to host memory. On CUDA the copy goes to pinned memory
+    without blocking the caller (the prefill goes on with the next layer); `array()`, called by whoever
+    builds from them, waits for it."""
+
+    def __init__(self, ids: torch.Tensor):
+        self._done = None
+        if ids.device.type == "cuda":
+            self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            self._host.copy_(ids, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host = ids
+
+    def array(self) -> np.ndarray:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.numpy()
+
+
+def _topk(q: torch.Tensor, k: torch.Tensor, L: int, chunk_elems: int) -> torch.Tensor:
+    """q (B, m, d), k (B, n, d) -> (B, m, L) int32 on q's device, best first."""
+    B, n = k.shape[0], k.shape[1]
+    chunk = max(1, chunk_elems // max(1, n))
+    out = torch.empty((B, q.shape[1], L), dtype=torch.int32, device=q.device)
+    for b in range(B):
+        kb = k[b].to(q.dtype).contiguous()
+        for s in range(0, q.shape[1], chunk):
+            out[b, s:s + chunk] = (q[b, s:s + chunk] @ kb.T).float().topk(L, dim=1).indices
+    return out
+
+
 def exact_topk(queries, keys, L: int, chunk_elems: int = 1 << 26) -> np.ndarray:
     """queries (m, d), keys (n, d), or batches of both (B, m, d) / (B, n, d), as numpy or torch on any
-    device -> (m, min(L, n)) or (B, m, min(L, n)) int64 numpy, best first. Runs where the tensors are
+    device -> (m, min(L, n)) or (B, m, min(L, n)) int32 numpy, best first. Runs where the tensors are
     (the GPU during CUDA prefill), one product per batch entry and row chunk (a loop over a few KV
     heads: on CPU it beats one strided bmm), whose scores stay within chunk_elems floats (256 MB), so
     that a long prompt's build fits beside it."""
@@ -17,26 +50,24 @@ def exact_topk(queries, keys, L: int, chunk_elems: int = 1 << 26) -> np.ndarray:
     single = q.dim() == 2
     if single:
         q, k = q[None], k[None]
-    B, n = k.shape[0], k.shape[1]
-    L = min(L, n)
-    chunk = max(1, chunk_elems // max(1, n))
-    out = torch.empty((B, q.shape[1], L), dtype=torch.int64, device=q.device)
-    for b in range(B):
-        kb = k[b].to(q.dtype).contiguous()
-        for s in range(0, q.shape[1], chunk):
-            out[b, s:s + chunk] = (q[b, s:s + chunk] @ kb.T).float().topk(L, dim=1).indices
-    out = out.cpu().numpy()
+    out = _topk(q, k, min(L, k.shape[1]), chunk_elems).cpu().numpy()
     return out[0] if single else out
 
 
-def graph_knn(queries, keys, L: int, per_head: str) -> np.ndarray:
+def graph_knn_later(queries, keys, L: int, per_head: str) -> HostIds:
     """The build input of one layer's graphs: queries (m, H, d) prefill queries, keys (G, n, d) ->
-    (A, rows, L). One graph per KV head (per_head "kv", A = G) takes the union of its query heads'
-    queries (rows = H/G * m); one per query head ("query", A = H) its own (rows = m). Both come from
-    the same scores: one product per KV head."""
+    (A, rows, L), computed where the queries are and copied to the host without waiting. One graph per KV
+    head (per_head "kv", A = G) takes the union of its query heads' queries (rows = H/G * m); one per query
+    head ("query", A = H) its own (rows = m). Both come from the same scores: one product per KV head."""
     q = torch.as_tensor(queries)
     m, H, d = q.shape
-    G = keys.shape[0]
+    k = torch.as_tensor(keys).to(q.device)
+    G = k.shape[0]
     per = H // G
-    knn = exact_topk(q.reshape(m, G, per, d).permute(1, 2, 0, 3).reshape(G, per * m, d), keys, L)
-    return knn.reshape(H, m, -1) if per_head == "query" else knn
+    ids = _topk(q.reshape(m, G, per, d).permute(1, 2, 0, 3).reshape(G, per * m, d), k, min(L, k.shape[1]), 1 << 26)
+    return HostIds(ids.reshape(H, m, -1) if per_head == "query" else ids)
+
+
+def graph_knn(queries, keys, L: int, per_head: str) -> np.ndarray:
+    """graph_knn_later, waited for: (A, rows, L) int32 numpy."""
+    return graph_knn_later(queries, keys, L, per_head).array()

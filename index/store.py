@@ -104,7 +104,7 @@ class OffloadedStore:
             self.adj = np.zeros((self.A, cap, self.p.degree), np.int32)
             self.entries = np.full((self.A, self.p.entries), -1, np.int32)
         self.hnsw: list = []
-        self.build_seconds = 0.0
+        self._build_s: list[float] = []  # per build call
         self.counts = np.zeros(self.H, np.int64)
         self.exact = np.zeros(self.H, np.uint8) if exact_heads is None else np.asarray(exact_heads, np.uint8)
         self.no_occ = np.empty(0, np.int64)
@@ -121,6 +121,9 @@ class OffloadedStore:
     def kv_rows(self, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(G, m, row) tensors over the first m keys' and values' rows, for reading them back (`unpack`)."""
         return _tensor(self.K[:, :m]), (_tensor(self.V[:, :m]) if self.V is not None else None)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        return pack(x, self.fmt)
 
     def unpack(self, rows: torch.Tensor) -> torch.Tensor:
         return unpack(rows, self.fmt, self.d)
@@ -180,9 +183,9 @@ class OffloadedStore:
         m = K.shape[1]
         for a in range(0, m, WRITE_CHUNK):  # int8's packing makes float32 temporaries: a chunk's, not a layer's
             b = min(m, a + WRITE_CHUNK)
-            _tensor(self.K[:, start + a: start + b]).copy_(pack(K[:, a:b], self.fmt))
+            _tensor(self.K[:, start + a: start + b]).copy_(self.pack(K[:, a:b]))
             if self.V is not None:
-                _tensor(self.V[:, start + a: start + b]).copy_(pack(V[:, a:b], self.fmt))
+                _tensor(self.V[:, start + a: start + b]).copy_(self.pack(V[:, a:b]))
 
     def load(self, K: np.ndarray, V: np.ndarray | None, knn: np.ndarray | None):
         """reserve + write + build, for K/V (G, n, d) float32 already in host memory."""
@@ -191,15 +194,16 @@ class OffloadedStore:
                    torch.from_numpy(np.ascontiguousarray(V, np.float32)) if V is not None else None)
         self.build(K.shape[1], knn)
 
-    def build(self, n: int, knn: np.ndarray | None):
+    def build(self, n: int, knn: np.ndarray | None, graphs: range | None = None):
         """Index the first n keys (filled through `reserve`). knn (A, m, L): exact top-L key ids of sampled
-        prefill queries (graph only; rows of -1 are ignored)."""
+        prefill queries (graph only; rows of -1 are ignored). `graphs`: build only these of the A graphs
+        (they are independent: calls for different ones may run at once; each graph is one thread's work)."""
         t0 = time.perf_counter()
         self.n = n
         if self.kind == "graph":
             if knn is None:
                 raise ValueError("graph index needs the prefill queries' top keys")
-            for a in range(self.A):
+            for a in range(self.A) if graphs is None else graphs:
                 kernels.build_graph(np.ascontiguousarray(knn[a], dtype=np.int64), n, self.p.degree,
                                     self.adj[a], self.entries[a])
         elif self.kind == "hnsw":
@@ -214,7 +218,11 @@ class OffloadedStore:
                 if n:
                     ix.add_items(self.K[g, :n], np.arange(n))  # float32: hnsw stores keep that
                 self.hnsw.append(ix)
-        self.build_seconds = time.perf_counter() - t0
+        self._build_s.append(time.perf_counter() - t0)  # (one append per call: atomic across threads)
+
+    @property
+    def build_seconds(self) -> float:
+        return sum(self._build_s)
 
     def append(self, K_new: np.ndarray | torch.Tensor, V_new: np.ndarray | torch.Tensor | None):
         """Insert keys (and values) (G, b, d) of any float dtype: `append_rows` of their packed rows."""

@@ -86,22 +86,60 @@ def test_prefill_through_host_memory_equals_prefill_on_device(gpu_engine):
     assert torch.equal(a, b) and torch.equal(ka, kb)
 
 
-@pytest.mark.parametrize("a", [0, 512, 1000])
-def test_cudnn_chunk_attention_equals_masked_sdpa(a):
+def test_prefill_with_copies_on_side_streams_equals_inline(gpu_engine):
+    """On CUDA a layer's copies to the CPU stores run on a thread and stream of their own, through pinned
+    buffers, after the layer's event, while the next layer fills a second K/V pair; the graphs build in a pool
+    from top keys copied to pinned memory without waiting. The logits, stores and graphs equal those of a
+    prefill that copies and builds inline (pageable copies, one pair)."""
+    from engine.model_runner import InlineExecutor
+
+    runner = gpu_engine.runner
+    att = AttentionConfig(mode="retrieval", sink=16, window=max(64, gpu_engine.shape.sliding_window))
+    ids = torch.randint(100, gpu_engine.shape.vocab_size - 100, (3000,), generator=torch.Generator().manual_seed(2))
+    chunk, pool, to_host = runner.chunk, runner.pool, runner._to_host
+    to_host.CHUNK = 2**20  # several pieces per layer, so that both pinned buffers take turns
+
+    def prefill():
+        kv = SequenceKV(gpu_engine.shape, att, len(ids) + 1, gpu_engine.device, torch.float32, gpu_engine.copy_scores)
+        runner.chunk = 256
+        try:
+            logits, _ = runner.prefill(ids.tolist(), kv)
+        finally:
+            runner.chunk = chunk
+        got = [(*(t.clone() for t in s.kv_rows(s.n)), s.adj[:, :s.n].copy()) for s in kv.stores if s.n]
+        kv.free()
+        return logits.cpu(), got
+
+    assert len(runner._prefill_kv(8, True)) == 2, "one K/V pair: the copies would not overlap the next layer"
+    logits, stores = prefill()
+    runner.pool, runner._to_host = InlineExecutor(), None
+    try:
+        logits_inline, stores_inline = prefill()
+    finally:
+        runner.pool, runner._to_host = pool, to_host
+        del to_host.CHUNK
+    assert torch.equal(logits, logits_inline) and len(stores) == len(stores_inline) > 0
+    for (k, v, adj), (ki, vi, adji) in zip(stores, stores_inline):
+        assert torch.equal(k, ki) and torch.equal(v, vi) and (adj == adji).all()
+
+
+@pytest.mark.parametrize("a,d", [(0, 64), (512, 64), (1000, 64), (512, 128), (1000, 256)])
+def test_cudnn_chunk_attention_equals_masked_sdpa(a, d):
     """A prefill chunk's attention as two cuDNN calls merged by log-sum-exp (its own keys causal, the earlier
-    ones unmasked) equals SDPA with the lower-right causal mask, GQA heads included."""
+    ones unmasked) equals SDPA with the lower-right causal mask, GQA heads included, for the head sizes of
+    the configured models (64: SmolLM2, 128: Llama 3, 256: Gemma 3)."""
     from torch.nn.attention.bias import causal_lower_right
     import torch.nn.functional as F
 
     from engine.model_runner import causal_chunk_cudnn
 
     g = torch.Generator(device="cuda").manual_seed(a)
-    c, H, G, d = 256, 8, 2, 64
+    c, H, G = 256, 8, 2
     q = torch.randn(c, H, d, device="cuda", dtype=torch.bfloat16, generator=g)
     k, v = (torch.randn(a + c, G, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
     want = F.scaled_dot_product_attention(q.transpose(0, 1)[None].float(), k.transpose(0, 1)[None].float(),
                                           v.transpose(0, 1)[None].float(), attn_mask=causal_lower_right(c, a + c),
                                           scale=0.125, enable_gqa=True)
-    got = causal_chunk_cudnn(q, k, v, a, 0.125)
+    got = causal_chunk_cudnn(q, k, v, a, 0.125)  # (the scale need not be d's: both sides take it)
     assert got.shape == want.shape
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)

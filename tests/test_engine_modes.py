@@ -119,3 +119,46 @@ def test_prefill_through_host_chunks_equals_prefill_on_device(engine, long_promp
     assert torch.equal(prefill(True, size=1024)[0], prefill(False, size=1024)[0])
     assert torch.equal(prefill(True, window=len(ids))[0], logits)
     assert not torch.allclose(prefill(True, window=256)[0], logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["retrieval", "hnsw"])
+def test_prefill_with_copies_and_builds_in_threads_equals_inline(engine, long_prompt, mode, monkeypatch):
+    """On CUDA a layer's copies to the CPU stores and its graph builds (one job per graph) run in a pool of
+    threads while the next layer fills a second K/V pair. Here the same with a pool on the CPU (with chunks
+    small enough that each layer has several, and copies slow enough that a layer two later would overwrite
+    the pair they read if it did not wait for them): every store's keys, values and graph, and the logits,
+    equal the inline prefill's."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from index import OffloadedStore
+
+    runner, att = engine.runner, AttentionConfig(mode=mode, sink=16, window=64)
+    ids, inline, chunk = long_prompt[:900], runner.pool, runner.chunk
+
+    def prefill():
+        kv = SequenceKV(engine.shape, att, len(ids) + 1, engine.device, engine.model.dtype)
+        runner.chunk = 256
+        try:
+            logits, stats = runner.prefill(ids, kv)
+        finally:
+            runner.chunk = chunk
+        got = [(*(t.clone() for t in s.kv_rows(s.n)), s.adj[:, :s.n].copy() if s.kind == "graph" else None)
+               for s in kv.stores]
+        kv.free()
+        return logits, got, stats
+
+    logits, stores, _ = prefill()
+    write = OffloadedStore.write
+    monkeypatch.setattr(OffloadedStore, "write", lambda *a: (time.sleep(0.25), write(*a)))
+    with ThreadPoolExecutor(3) as pool:
+        runner.pool = pool
+        try:
+            assert len(runner._prefill_kv(8, True)) == 2  # the pair the next layer fills while copies read one
+            logits_t, stores_t, stats = prefill()
+        finally:
+            runner.pool = inline
+    assert torch.equal(logits, logits_t) and stats.offloaded == len(ids) - 16 - 64
+    for (k, v, adj), (k_t, v_t, adj_t) in zip(stores, stores_t):
+        assert torch.equal(k, k_t) and torch.equal(v, v_t)
+        assert (adj is None) == (mode != "retrieval") and (adj is None or (adj == adj_t).all())
