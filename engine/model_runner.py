@@ -342,11 +342,7 @@ class ModelRunner:
         Rc = pool.rows if graphs is None else next(r for r in sorted(graphs) if r >= pool.rows)
         io = self._graph_io[id(pool)] if graphs is not None else self._eager_io(max(Rc, pool.k.shape[1]))
         rows = [kv.row for kv in kvs]
-        io.wait_last_step()
-        ints = io.ints_host.numpy()
-        ints[0, :Rc], ints[1, :Rc], ints[2, :Rc] = 0, 0, pool.trash
-        ints[0, rows], ints[1, rows], ints[2, rows] = tokens, positions, slots
-        io.ints.copy_(io.ints_host, non_blocking=True)
+        io.stage(Rc, rows, tokens, positions, slots, pool.trash)
         buf = io.buf
         lookups = _StepLookups(kvs, rows, top_ks, buf, Rc, self.model, self.scratch)
 
@@ -477,11 +473,7 @@ class ModelRunner:
         if Rc is None:  # eager, or more sequences than any captured size
             graphs, Rc = None, B
         io = self._full_io if graphs is not None else self._eager_io(B)
-        io.wait_last_step()
-        ints = io.ints_host.numpy()
-        ints[:2, :Rc] = 0
-        ints[0, :B], ints[1, :B] = tokens, positions
-        io.ints.copy_(io.ints_host, non_blocking=True)
+        io.stage(Rc, slice(0, B), tokens, positions)
 
         def attend(l: int):  # padding rows keep a stale output: their results are dropped
             for b, kv in enumerate(kvs):
@@ -874,6 +866,18 @@ class _RowIO:
         self.buf = _StepBuffers(size, shape.n_heads, shape.head_dim, device)
         self.logits = torch.empty(size, shape.vocab_size, dtype=torch.float32, device=device)
         self.done = torch.cuda.Event() if pin else None  # recorded after each step
+
+    def stage(self, Rc: int, rows, tokens, positions, slots=None, pad_slot: int = 0):
+        """A step's tokens, positions and ring slots at `rows` of the device's ints, once the last step's
+        copy out of the host buffer is complete; the other rows of [0, Rc) are padding (token 0 at position 0,
+        writing to pad_slot)."""
+        self.wait_last_step()
+        ints = self.ints_host.numpy()
+        ints[0, :Rc], ints[1, :Rc], ints[2, :Rc] = 0, 0, pad_slot
+        ints[0, rows], ints[1, rows] = tokens, positions
+        if slots is not None:
+            ints[2, rows] = slots
+        self.ints.copy_(self.ints_host, non_blocking=True)
 
     def wait_last_step(self):
         """Before a step writes the host buffers: the last step's copies out of them are complete."""
