@@ -263,6 +263,7 @@ def main(argv=None):
     engine = Engine(EngineConfig(model=a.model, load_format=a.load_format, device=a.device, dtype=a.dtype,
                                  max_num_seqs=1, cuda_graphs=a.cuda_graphs != "off", compile=a.compile == "on",
                                  max_model_len=max(contexts + [n for n, _ in admission]) + a.steps + 64))
+    engine.plan_prefill()  # this thread prefills here, not the engine's (cuDNN keeps its plans per thread)
     load_s = time.perf_counter() - t
     if a.prefill_attention == "local":
         engine.runner.prefill_window = a.local_window

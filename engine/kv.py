@@ -363,12 +363,12 @@ class SequenceKV:
         return torch.unique(rows)
 
     def place_prefill(self, l: int, k: torch.Tensor, v: torch.Tensor, q_rows: torch.Tensor | None,
-                      pool: Executor, copy: Callable[[OffloadedStore, torch.Tensor, torch.Tensor], Future] | None = None
-                      ) -> tuple[list[Future], list[Future]]:
+                      pool: Executor, reads: list[Future], builds: list[Future],
+                      copy: Callable[[OffloadedStore, torch.Tensor, torch.Tensor], Future] | None = None):
         """k/v (N, G, d) of layer l; q_rows (m, H, d) sampled roped queries. Static tokens go to the device
         buffer; the offloaded middle goes to the CPU stores (the request's own, or the entry it makes), copied
-        by `copy(store, k, v)` (None: a job in `pool`) and indexed in `pool`. -> (the copies: k/v must not
-        change before they are done, the index builds)."""
+        by `copy(store, k, v)` (None: a job in `pool`) and indexed in `pool`. Each job's future joins `reads`
+        (the copies: k/v must not change or go before they are done) or `builds` as it is queued."""
         sink, mid, win = self.split
         N = k.shape[0]
         if self.full and self.windows[l]:  # its ring: the last tokens, each in its slot
@@ -379,7 +379,6 @@ class SequenceKV:
             self.k[l][:, :sink], self.v[l][:, :sink] = k[:sink].transpose(0, 1), v[:sink].transpose(0, 1)
             self.k[l][:, self.S: self.S + win] = k[N - win:].transpose(0, 1)
             self.v[l][:, self.S: self.S + win] = v[N - win:].transpose(0, 1)
-        reads, builds = [], []
         e = self.new_entry
         if e is not None:
             if e.stores is None:  # no stores (full, streaming): the entry keeps every token's K/V
@@ -390,34 +389,31 @@ class SequenceKV:
                 e.sink_v[l].copy_(v[:sink].transpose(0, 1))
                 e.tail_k[l].copy_(k[N - win:].transpose(0, 1))
                 e.tail_v[l].copy_(v[N - win:].transpose(0, 1))
-                r, b = self._fill(e.stores[l], k[sink: N - win], v[sink: N - win], q_rows, 0, pool, copy)
-                reads, builds = reads + r, builds + b
+                self._fill(e.stores[l], k[sink: N - win], v[sink: N - win], q_rows, 0, pool, copy, reads, builds)
         if self.stores is not None and not self.windows[l]:
             # room for every token this request may still evict: a store that a batched lookup has described
             # never moves (a short prompt with a long answer too)
             extra = offloadable(self.total_len, N, self.S, self.W) - self.cached_n - mid
-            r, b = self._fill(self.stores[l], k[self.own_from: self.own_from + mid],
-                              v[self.own_from: self.own_from + mid], q_rows, extra, pool, copy)
-            reads, builds = reads + r, builds + b
-        return reads, builds
+            self._fill(self.stores[l], k[self.own_from: self.own_from + mid], v[self.own_from: self.own_from + mid],
+                       q_rows, extra, pool, copy, reads, builds)
 
     def _fill(self, store: OffloadedStore, k: torch.Tensor, v: torch.Tensor, q_rows: torch.Tensor | None,
-              extra: int, pool: Executor, copy) -> tuple[list[Future], list[Future]]:
-        """Room in the store for k/v (m, G, d) and `extra` keys more; their copy into it and the index build
-        queued in `pool`, a job per graph (the graph's input, each query's top keys, computed here on the
-        device and on its way to the host). -> ([the copy], [the builds])."""
+              extra: int, pool: Executor, copy, reads: list[Future], builds: list[Future]):
+        """Room in the store for k/v (m, G, d) and `extra` keys more; their copy into it (its future into
+        `reads`) and the index build queued in `pool`, a job per graph (the graph's input, each query's top
+        keys, computed here on the device and on its way to the host), their futures into `builds`."""
         m = k.shape[0]
         k_mid, v_mid = k.transpose(0, 1), v.transpose(0, 1)  # (G, m, d)
         store.reserve(m, extra=extra)
         if m == 0:
-            return [], []
+            return
         copied = copy(store, k_mid, v_mid) if copy is not None else pool.submit(store.write, 0, k_mid, v_mid)
+        reads.append(copied)
         if store.kind == "graph":  # from the keys as the model made them (the store may keep them compact)
             knn = graph_knn_later(q_rows.float(), k_mid, self.cfg.index.knn, self.cfg.index.per_head)
-            return [copied], [pool.submit(lambda a=a: store.build(m, knn.array(), range(a, a + 1)))
-                              for a in range(store.A)]
-        # flat and hnswlib: after the copy (hnswlib indexes the stored keys; the copy's job, queued first, has started)
-        return [copied], [pool.submit(lambda: (copied.result(), store.build(m, None)))]
+            builds += [pool.submit(lambda a=a: store.build(m, knn.array(), range(a, a + 1))) for a in range(store.A)]
+        else:  # flat and hnswlib: once copied (hnswlib indexes the stored keys), a worker waiting for it meanwhile
+            builds.append(pool.submit(lambda: (copied.result(), store.build(m, None))))
 
     # ------------------------------------------------------------------ decode
     def next_slot(self, token: int) -> int:

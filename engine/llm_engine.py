@@ -171,9 +171,6 @@ class Engine:
             t = time.perf_counter()
             if self.runner.compile():
                 log.info("torch.compile: the model's fused kernels built in %.1f s", time.perf_counter() - t)
-        t = time.perf_counter()
-        if n := self.runner.plan_prefill_attention(min(self.max_model_len, PLAN_PREFILL_TOKENS)):
-            log.info("cuDNN prefill attention planned for prompts up to %d tokens in %.1f s", n, time.perf_counter() - t)
         if self.device.type == "cuda" and config.cuda_graphs:
             self._capture_graphs()
         warm_up()  # the CPU kernels compile here, not inside the first request that offloads
@@ -187,8 +184,10 @@ class Engine:
         self.dead: str | None = None        # why the engine thread ended, once it has
         self.progress_at = time.monotonic()  # the engine thread's heartbeat
         self.prefill_done = 0.0             # share of the current prefill's layers done (0 when none)
+        self._planned = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rattn-engine", daemon=True)
         self._thread.start()
+        self._planned.wait()
 
     def _capture_graphs(self):
         """A fixed static pool that holds every running request whose static part fits the default sink +
@@ -377,12 +376,26 @@ class Engine:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
+    def plan_prefill(self):
+        """cuDNN's prefill attention plans for prompts up to PLAN_PREFILL_TOKENS, in the calling thread: its
+        plan cache is per thread, so this runs where the prefills run (the engine thread, at start)."""
+        t = time.perf_counter()
+        if n := self.runner.plan_prefill_attention(min(self.max_model_len, PLAN_PREFILL_TOKENS)):
+            log.info("cuDNN prefill attention planned for prompts up to %d tokens in %.1f s", n, time.perf_counter() - t)
+
     def _loop(self):
         try:
-            if self.config.cpu_threads:
-                import numba
+            try:  # the engine is not ready before this is done (its constructor waits), whatever happens here
+                if self.config.cpu_threads:
+                    import numba
 
-                numba.set_num_threads(self.config.cpu_threads)  # thread-local: set where the kernels run
+                    numba.set_num_threads(self.config.cpu_threads)  # thread-local: set where the kernels run
+                try:
+                    self.plan_prefill()
+                except Exception:  # the prefills plan for themselves
+                    log.exception("cuDNN prefill planning failed")
+            finally:
+                self._planned.set()
             sched = self.scheduler
             while True:
                 self.progress_at = time.monotonic()

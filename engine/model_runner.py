@@ -3,7 +3,8 @@
 Prefill runs the prompt through one layer at a time (projections and MLP chunked over tokens,
 attention chunked over queries), places that layer's KV (static part on the device, the rest in its
 CPU store) and queues the layer's index build on the build pool, so builds overlap later layers.
-Only one layer's K/V and the hidden states are ever on the device at once.
+At most two layers' K/V (one being filled, one being copied out) and the hidden states are ever on the
+device at once.
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ class ModelRunner:
         self._to_host = _DeviceToHost(self.device) if self.device.type == "cuda" else None
         self._wait_s = 0.0
         # a prefill's hidden states stay on the device up to this size; a longer prompt's live in host memory
-        # and pass through the device a chunk at a time (the device then holds one layer's K/V and chunks)
+        # and pass through the device a chunk at a time (the device then holds a layer's K/V or two, and chunks)
         self.hidden_device_bytes = HIDDEN_DEVICE_BYTES if self.device.type == "cuda" else float("inf")
         self.prefill_window = 0  # benchmarks only: > 0 restricts prefill attention to this many keys back
         self.cudnn_prefill = self.device.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)
@@ -127,10 +128,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def plan_prefill_attention(self, tokens: int) -> int:
-        """cuDNN plans its attention once per shape and process, ~60 ms each, and a prompt's whole chunks each
-        have their own (the keys before them): plan them here, at start, for prompts up to `tokens` long,
-        rather than in the first long prompt (measured: its TTFT +4 s at 128K on the H200). -> the tokens
-        planned for (0: cuDNN is not used here)."""
+        """cuDNN plans its attention once per shape and thread (torch keeps the plans per thread), ~60 ms each,
+        and a prompt's whole chunks each have their own (the keys before them): plan them here, in the thread
+        that will prefill, for prompts up to `tokens` long, rather than in the first long prompt (measured:
+        its TTFT +4 s at 128K on the H200). -> the tokens planned for (0: cuDNN is not used here)."""
         m, s, c = self.model, self.model.shape, self.chunk
         l = next((i for i in range(s.n_layers) if not m.window_of(i)), None)
         n = tokens // c * c
@@ -201,18 +202,20 @@ class ModelRunner:
             sampled.append(None if rows is None else (
                 rows, rows.to(self.device),
                 torch.empty(len(rows), s.n_heads, s.head_dim, device=self.device, dtype=m.dtype)))
-        bufs = self._prefill_kv(N, any(kv.stores is not None for kv in kvs))
         reads: list[list[Future]] = []  # per layer: the jobs that read its K/V (copies to the CPU stores)
         copy_wait = 0.0
         h = None
         try:
             h = _PrefillHidden(m, ids[c:], self.chunk, on_host)
+            bufs = self._prefill_kv(N, any(kv.stores is not None for kv in kvs))  # (beside the hidden states)
             for l in range(s.n_layers):
                 k_all, v_all = bufs[l % len(bufs)]
                 if l >= len(bufs):  # the copies out of the pair this layer refills are done
                     t = time.perf_counter()
                     wait(reads[l - len(bufs)])
                     copy_wait += time.perf_counter() - t
+                    for f in reads[l - len(bufs)]:
+                        f.result()  # a failed copy fails the prefill now
                 if c:
                     entry.copy_prefix(l, c, k_all[:c], v_all[:c], self._to_device)
                 for i, a in enumerate(range(c, N, self.chunk)):
@@ -234,15 +237,20 @@ class ModelRunner:
                 copy = None
                 if self._to_host is not None:  # after the layer's work queued so far
                     ready = torch.cuda.Event()
-                    ready.record()
+                    ready.record(torch.cuda.current_stream(self.device))
                     copy = lambda store, k, v, ready=ready: self._to_host.submit(store, k, v, ready)  # noqa: E731
                 reads.append([])
                 for kv, smp in zip(kvs, sampled):
-                    r, b = kv.place_prefill(l, k_all, v_all, smp[2] if smp else None, self.pool, copy)
-                    reads[-1] += r
-                    futures += r + b
+                    kv.place_prefill(l, k_all, v_all, smp[2] if smp else None, self.pool, reads[-1], futures, copy)
+                futures += reads[-1]
                 yield l + 1
             logits = m.logits(h.last())
+        except BaseException:  # (closed early too) no copy may still read the K/V buffers once they are freed
+            copies = [f for r in reads for f in r]
+            for f in copies:
+                f.cancel()
+            wait(copies)
+            raise
         finally:
             if h is not None:
                 h.close()

@@ -227,7 +227,7 @@ class OffloadedStore:
     def append(self, K_new: np.ndarray | torch.Tensor, V_new: np.ndarray | torch.Tensor | None):
         """Insert keys (and values) (G, b, d) of any float dtype: `append_rows` of their packed rows."""
         K_new, V_new = torch.as_tensor(K_new), (torch.as_tensor(V_new) if V_new is not None else None)
-        self.append_rows(pack(K_new, self.fmt), pack(V_new, self.fmt) if V_new is not None else None)
+        self.append_rows(self.pack(K_new), self.pack(V_new) if V_new is not None else None)
 
     def append_rows(self, K_new: torch.Tensor, V_new: torch.Tensor | None) -> float:
         """Insert keys that slid out of the device window, as rows of this store's format (G, b, row) (the

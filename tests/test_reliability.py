@@ -195,6 +195,42 @@ def test_a_failed_prefill_waits_for_its_queued_builds(engine, long_prompt):
     runner.pool.shutdown()
 
 
+# 8b. a prefill that fails while placing a layer leaves no copy reading its K/V buffers
+def test_a_prefill_failing_mid_layer_waits_for_its_copies(engine, long_prompt, monkeypatch):
+    """The copies of a layer's K/V to the CPU stores run in a pool (as on CUDA); the graph input of a later
+    layer fails after that layer's copy was queued. When the prefill raises, no copy is still running
+    (it would read freed device memory on CUDA) and none starts later."""
+    from index import OffloadedStore
+
+    runner = ModelRunner(engine.model)
+    runner.pool = ThreadPoolExecutor(2)
+    kv = kv_module.SequenceKV(engine.shape, SMALL, 400, engine.device, torch.float32)
+    started, finished, calls = [], [], []
+    write, knn = OffloadedStore.write, kv_module.graph_knn_later
+
+    def slow_write(*a):
+        started.append(1)
+        time.sleep(0.2)
+        write(*a)
+        finished.append(1)
+
+    def failing_knn(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory")
+        return knn(*a)
+
+    monkeypatch.setattr(OffloadedStore, "write", slow_write)
+    monkeypatch.setattr(kv_module, "graph_knn_later", failing_knn)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        runner.prefill(long_prompt[:300], kv)
+    settled = len(started)
+    assert settled == len(finished) >= 2, "a copy ran on after its prefill failed"
+    time.sleep(0.5)
+    assert len(started) == settled, "a copy started after its prefill failed"
+    runner.pool.shutdown()
+
+
 # 9. a run of invalid UTF-8 never makes detokenising quadratic
 def test_a_run_of_replacement_characters_detokenises_in_linear_time(engine):
     tok = engine.tokenizer
