@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from index import MIN_CAPACITY, NO_DESC, NO_PART, OffloadedStore, graph_knn_later, pack, request_row, row_format, store_format
+from index import (MIN_CAPACITY, NO_DESC, NO_PART, OffloadedStore, graph_knn_later, pack, request_row, row_format,
+                   store_format, write_rows)
 
 from .attention import AttentionConfig
 from .doc_cache import DocEntry
@@ -363,12 +364,13 @@ class SequenceKV:
         return torch.unique(rows)
 
     def place_prefill(self, l: int, k: torch.Tensor, v: torch.Tensor, q_rows: torch.Tensor | None,
-                      pool: Executor, reads: list[Future], builds: list[Future],
-                      copy: Callable[[OffloadedStore, torch.Tensor, torch.Tensor], Future] | None = None):
+                      pool: Executor, reads: list[Future], builds: list[Future], copy: Callable[..., Future] | None = None):
         """k/v (N, G, d) of layer l; q_rows (m, H, d) sampled roped queries. Static tokens go to the device
-        buffer; the offloaded middle goes to the CPU stores (the request's own, or the entry it makes), copied
-        by `copy(store, k, v)` (None: a job in `pool`) and indexed in `pool`. Each job's future joins `reads`
-        (the copies: k/v must not change or go before they are done) or `builds` as it is queued."""
+        buffer; the offloaded middle goes to the CPU stores (the request's own, or the entry it makes), indexed
+        in `pool`. Everything bound for the host (the stores' rows, the entry's K/V) is copied by
+        `copy(dst_k, dst_v, k, v, pack)` (`write_rows`'s arguments; None: write_rows as a job in `pool`). Each
+        job's future joins `reads` (the copies: k/v must not change or go before they are done) or `builds` as
+        it is queued."""
         sink, mid, win = self.split
         N = k.shape[0]
         if self.full and self.windows[l]:  # its ring: the last tokens, each in its slot
@@ -381,14 +383,14 @@ class SequenceKV:
             self.v[l][:, self.S: self.S + win] = v[N - win:].transpose(0, 1)
         e = self.new_entry
         if e is not None:
+            out = copy or (lambda *a: pool.submit(write_rows, *a))
+            same = lambda x: x  # noqa: E731 (the entry keeps the model's dtype)
             if e.stores is None:  # no stores (full, streaming): the entry keeps every token's K/V
-                e.tail_k[l].copy_(k.transpose(0, 1))
-                e.tail_v[l].copy_(v.transpose(0, 1))
+                reads.append(out(e.tail_k[l], e.tail_v[l], k.transpose(0, 1), v.transpose(0, 1), same))
             else:
-                e.sink_k[l].copy_(k[:sink].transpose(0, 1))
-                e.sink_v[l].copy_(v[:sink].transpose(0, 1))
-                e.tail_k[l].copy_(k[N - win:].transpose(0, 1))
-                e.tail_v[l].copy_(v[N - win:].transpose(0, 1))
+                reads.append(out(e.sink_k[l], e.sink_v[l], k[:sink].transpose(0, 1), v[:sink].transpose(0, 1), same))
+                reads.append(out(e.tail_k[l], e.tail_v[l], k[N - win:].transpose(0, 1), v[N - win:].transpose(0, 1),
+                                 same))
                 self._fill(e.stores[l], k[sink: N - win], v[sink: N - win], q_rows, 0, pool, copy, reads, builds)
         if self.stores is not None and not self.windows[l]:
             # room for every token this request may still evict: a store that a batched lookup has described
@@ -407,7 +409,8 @@ class SequenceKV:
         store.reserve(m, extra=extra)
         if m == 0:
             return
-        copied = copy(store, k_mid, v_mid) if copy is not None else pool.submit(store.write, 0, k_mid, v_mid)
+        copied = (copy(*store.kv_rows(m), k_mid, v_mid, store.pack) if copy is not None
+                  else pool.submit(store.write, 0, k_mid, v_mid))
         reads.append(copied)
         if store.kind == "graph":  # from the keys as the model made them (the store may keep them compact)
             knn = graph_knn_later(q_rows.float(), k_mid, self.cfg.index.knn, self.cfg.index.per_head)

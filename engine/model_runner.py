@@ -238,7 +238,7 @@ class ModelRunner:
                 if self._to_host is not None:  # after the layer's work queued so far
                     ready = torch.cuda.Event()
                     ready.record(torch.cuda.current_stream(self.device))
-                    copy = lambda store, k, v, ready=ready: self._to_host.submit(store, k, v, ready)  # noqa: E731
+                    copy = lambda *rows, ready=ready: self._to_host.submit(*rows, ready=ready)  # noqa: E731
                 reads.append([])
                 for kv, smp in zip(kvs, sampled):
                     kv.place_prefill(l, k_all, v_all, smp[2] if smp else None, self.pool, reads[-1], futures, copy)
@@ -756,10 +756,10 @@ class _HostToDevice:
 
 
 class _DeviceToHost:
-    """A prefill layer's K/V into the CPU stores, off the engine thread: a thread of its own copies them on a
-    stream of its own once the layer's event has passed (the next layers run meanwhile), through two pinned
-    buffers in turn, the DMA into one overlapping the CPU's copy out of the other into the store, where a
-    copy straight into the stores' pageable memory runs at a fraction of the bus. Fixed buffers."""
+    """A prefill layer's K/V into host memory (the CPU stores, a document-cache entry), off the engine thread:
+    a thread of its own copies them on a stream of its own once the layer's event has passed (the next layers
+    run meanwhile), through two pinned buffers in turn, the DMA into one overlapping the CPU's copy out of the
+    other, where a copy straight into pageable memory runs at a fraction of the bus. Fixed buffers."""
 
     CHUNK = 64 * 2**20  # bytes per buffer
 
@@ -768,13 +768,14 @@ class _DeviceToHost:
         self.stream = torch.cuda.Stream(device)
         self.bufs = [torch.empty(self.CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
 
-    def submit(self, store, k: torch.Tensor, v: torch.Tensor, ready: torch.cuda.Event) -> Future:
-        """k/v (G, m, d) on the device, complete once `ready` has passed -> the store's first m rows."""
-        return self.pool.submit(self._copy, store, k, v, ready)
+    def submit(self, dst_k: torch.Tensor, dst_v: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, pack,
+               ready: torch.cuda.Event) -> Future:
+        """`write_rows(dst_k, dst_v, k, v, pack)` (k/v on the device), once `ready` has passed."""
+        return self.pool.submit(self._copy, (dst_k, dst_v), k, v, pack, ready)
 
-    def _copy(self, store, k: torch.Tensor, v: torch.Tensor, ready: torch.cuda.Event):
-        rows = store.kv_rows(k.shape[1])
-        last = None  # (event, staged rows, their place in the store): the DMA before this one
+    @torch.inference_mode()  # (the prefill's tensors, a document entry's among them, are inference tensors)
+    def _copy(self, rows, k: torch.Tensor, v: torch.Tensor, pack, ready: torch.cuda.Event):
+        last = None  # (event, staged rows, their place on the host): the DMA before this one
 
         def finish(done):
             done[0].synchronize()
@@ -792,7 +793,7 @@ class _DeviceToHost:
                     b = min(m, a + step)
                     # the CPU copy out of this buffer two pieces ago is done (finish, below, in this thread)
                     stage = self.bufs[i][: G * (b - a) * row * dst.element_size()].view(dst.dtype).view(G, b - a, row)
-                    stage.copy_(store.pack(src[:, a:b]), non_blocking=True)
+                    stage.copy_(pack(src[:, a:b]), non_blocking=True)
                     ev = torch.cuda.Event()
                     ev.record()
                     if last is not None:

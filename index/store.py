@@ -180,12 +180,9 @@ class OffloadedStore:
     def write(self, start: int, K: torch.Tensor, V: torch.Tensor | None):
         """Keys and values (G, m, d), of any float dtype and on any device, into rows start..start+m-1:
         packed where they are (`pack`), then copied straight into the store."""
-        m = K.shape[1]
-        for a in range(0, m, WRITE_CHUNK):  # int8's packing makes float32 temporaries: a chunk's, not a layer's
-            b = min(m, a + WRITE_CHUNK)
-            _tensor(self.K[:, start + a: start + b]).copy_(self.pack(K[:, a:b]))
-            if self.V is not None:
-                _tensor(self.V[:, start + a: start + b]).copy_(self.pack(V[:, a:b]))
+        end = start + K.shape[1]
+        write_rows(_tensor(self.K[:, start:end]), _tensor(self.V[:, start:end]) if self.V is not None else None,
+                   K, V, self.pack)
 
     def load(self, K: np.ndarray, V: np.ndarray | None, knn: np.ndarray | None):
         """reserve + write + build, for K/V (G, n, d) float32 already in host memory."""
@@ -426,6 +423,17 @@ def attend_batch(desc: np.ndarray, l: int, req: np.ndarray, n_kv_heads: int, sca
 
 
 _LIKE = {dt: np.empty(0, dt) for dt in STORE_DTYPES.values()}
+
+
+@torch.inference_mode()  # (a prefill's job in another thread: its tensors may be inference tensors)
+def write_rows(dst_k: torch.Tensor, dst_v: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor | None, pack):
+    """k/v (G, m, d), of any float dtype and on any device -> dst_k/dst_v (G, m, row) on the host, in the rows
+    `pack` makes of them (where k/v are); dst_v None: no values."""
+    for src, dst in ((k, dst_k), (v, dst_v)):
+        if dst is None:
+            continue
+        for a in range(0, src.shape[1], WRITE_CHUNK):  # int8's packing makes float32 temporaries: a chunk's
+            dst[:, a: a + WRITE_CHUNK].copy_(pack(src[:, a: a + WRITE_CHUNK]))
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:

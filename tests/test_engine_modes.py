@@ -162,3 +162,43 @@ def test_prefill_with_copies_and_builds_in_threads_equals_inline(engine, long_pr
     for (k, v, adj), (k_t, v_t, adj_t) in zip(stores, stores_t):
         assert torch.equal(k, k_t) and torch.equal(v, v_t)
         assert (adj is None) == (mode != "retrieval") and (adj is None or (adj == adj_t).all())
+
+
+@pytest.mark.parametrize("mode", ["retrieval", "streaming"])
+def test_a_new_document_entry_filled_by_jobs_equals_inline(engine, long_prompt, mode, monkeypatch):
+    """A prompt that makes a document-cache entry: its host K/V (sink and tail, or every token where the mode
+    has no stores) and its stores are filled by jobs in a pool of threads (as on CUDA, off the engine
+    thread), with the copies slowed down. The entry equals the one an inline prefill makes."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    import index.store
+    from engine.doc_cache import DocEntry
+
+    runner, att = engine.runner, AttentionConfig(mode=mode, sink=16, window=64)
+    ids, inline = long_prompt[:900], runner.pool
+
+    def prefill():
+        e = DocEntry((mode,), np.asarray(ids, np.int64))
+        kv = SequenceKV(engine.shape, att, len(ids) + 1, engine.device, engine.model.dtype, new_entry=e)
+        logits, _ = runner.prefill(ids, kv)
+        kv.free()
+        rows = [s.kv_rows(s.n) for s in e.stores] if e.stores is not None else []
+        return logits, [e.sink_k, e.sink_v, e.tail_k, e.tail_v, *(t for r in rows for t in r)]
+
+    logits, got = prefill()
+    write_rows = index.store.write_rows
+    slow = lambda *a: (time.sleep(0.02), write_rows(*a))  # noqa: E731
+    monkeypatch.setattr("engine.kv.write_rows", slow)
+    with ThreadPoolExecutor(3) as pool:
+        runner.pool = pool
+        try:
+            logits_t, got_t = prefill()
+        finally:
+            runner.pool = inline
+    assert torch.equal(logits, logits_t) and len(got) == len(got_t) == (4 if mode == "streaming" else 4 + 60)
+    assert got[2].shape[2] == (len(ids) if mode == "streaming" else 64)
+    for a, b in zip(got, got_t):
+        assert torch.equal(a, b)
