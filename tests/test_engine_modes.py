@@ -121,7 +121,7 @@ def test_prefill_through_host_chunks_equals_prefill_on_device(engine, long_promp
     assert not torch.allclose(prefill(True, window=256)[0], logits, atol=1e-3)
 
 
-@pytest.mark.parametrize("mode", ["retrieval", "hnsw"])
+@pytest.mark.parametrize("mode", ["retrieval", "flat"])  # a job per graph; a build that waits for its copy
 def test_prefill_with_copies_and_builds_in_threads_equals_inline(engine, long_prompt, mode, monkeypatch):
     """On CUDA a layer's copies to the CPU stores and its graph builds (one job per graph) run in a pool of
     threads while the next layer fills a second K/V pair. Here the same with a pool on the CPU (with chunks
@@ -150,7 +150,7 @@ def test_prefill_with_copies_and_builds_in_threads_equals_inline(engine, long_pr
 
     logits, stores, _ = prefill()
     write = OffloadedStore.write
-    monkeypatch.setattr(OffloadedStore, "write", lambda *a: (time.sleep(0.25), write(*a)))
+    monkeypatch.setattr(OffloadedStore, "write", lambda *a: (time.sleep(0.12), write(*a)))
     with ThreadPoolExecutor(3) as pool:
         runner.pool = pool
         try:
