@@ -19,8 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from index import (MIN_CAPACITY, NO_DESC, NO_PART, OffloadedStore, graph_knn_later, pack, request_row, row_format,
-                   store_format, write_rows)
+from index import MIN_CAPACITY, NO_DESC, NO_PART, OffloadedStore, graph_knn_later, pack, request_row, row_format, store_format
 
 from .attention import AttentionConfig
 from .doc_cache import DocEntry
@@ -364,11 +363,11 @@ class SequenceKV:
         return torch.unique(rows)
 
     def place_prefill(self, l: int, k: torch.Tensor, v: torch.Tensor, q_rows: torch.Tensor | None,
-                      pool: Executor, reads: list[Future], builds: list[Future], copy: Callable[..., Future] | None = None):
+                      pool: Executor, reads: list[Future], builds: list[Future], copy: Callable[..., Future]):
         """k/v (N, G, d) of layer l; q_rows (m, H, d) sampled roped queries. Static tokens go to the device
         buffer; the offloaded middle goes to the CPU stores (the request's own, or the entry it makes), indexed
         in `pool`. Everything bound for the host (the stores' rows, the entry's K/V) is copied by
-        `copy(dst_k, dst_v, k, v, pack)` (`write_rows`'s arguments; None: write_rows as a job in `pool`). Each
+        `copy(dst_k, dst_v, k, v, pack)` (`write_rows`'s arguments, queued: -> its future). Each
         job's future joins `reads` (the copies: k/v must not change or go before they are done) or `builds` as
         it is queued."""
         sink, mid, win = self.split
@@ -383,14 +382,13 @@ class SequenceKV:
             self.v[l][:, self.S: self.S + win] = v[N - win:].transpose(0, 1)
         e = self.new_entry
         if e is not None:
-            out = copy or (lambda *a: pool.submit(write_rows, *a))
             same = lambda x: x  # noqa: E731 (the entry keeps the model's dtype)
             if e.stores is None:  # no stores (full, streaming): the entry keeps every token's K/V
-                reads.append(out(e.tail_k[l], e.tail_v[l], k.transpose(0, 1), v.transpose(0, 1), same))
+                reads.append(copy(e.tail_k[l], e.tail_v[l], k.transpose(0, 1), v.transpose(0, 1), same))
             else:
-                reads.append(out(e.sink_k[l], e.sink_v[l], k[:sink].transpose(0, 1), v[:sink].transpose(0, 1), same))
-                reads.append(out(e.tail_k[l], e.tail_v[l], k[N - win:].transpose(0, 1), v[N - win:].transpose(0, 1),
-                                 same))
+                reads.append(copy(e.sink_k[l], e.sink_v[l], k[:sink].transpose(0, 1), v[:sink].transpose(0, 1), same))
+                reads.append(copy(e.tail_k[l], e.tail_v[l], k[N - win:].transpose(0, 1), v[N - win:].transpose(0, 1),
+                                  same))
                 self._fill(e.stores[l], k[sink: N - win], v[sink: N - win], q_rows, 0, pool, copy, reads, builds)
         if self.stores is not None and not self.windows[l]:
             # room for every token this request may still evict: a store that a batched lookup has described
@@ -409,8 +407,7 @@ class SequenceKV:
         store.reserve(m, extra=extra)
         if m == 0:
             return
-        copied = (copy(*store.kv_rows(m), k_mid, v_mid, store.pack) if copy is not None
-                  else pool.submit(store.write, 0, k_mid, v_mid))
+        copied = copy(*store.kv_rows(m), k_mid, v_mid, store.pack)
         reads.append(copied)
         if store.kind == "graph":  # from the keys as the model made them (the store may keep them compact)
             knn = graph_knn_later(q_rows.float(), k_mid, self.cfg.index.knn, self.cfg.index.per_head)

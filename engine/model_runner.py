@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from index import BatchScratch, attend_batch
+from index import BatchScratch, attend_batch, write_rows
 
 from .attention import merge_partial_attention, partial_attention
 from .kv import NO_POS, SequenceKV, StaticPool
@@ -85,7 +85,7 @@ class ModelRunner:
         self.use_graphs = True  # False: every step eager (graphs stay captured)
         self.scratch = BatchScratch(model.shape.head_dim)  # the batched lookups' search lists, per CPU thread
         self._to_device = _HostToDevice(self.device)  # a cached document's K/V, on their way to a prefill
-        # a prefill's K/V on their way to the CPU stores (None: copied by a job in `pool`)
+        # a prefill's K/V on their way to host memory (None: `write_rows` as a job in `pool`)
         self._to_host = _DeviceToHost(self.device) if self.device.type == "cuda" else None
         self._wait_s = 0.0
         # a prefill's hidden states stay on the device up to this size; a longer prompt's live in host memory
@@ -234,7 +234,7 @@ class ModelRunner:
                     m.finish_layer(l, x, o[0].transpose(0, 1))
                     h.store(l, i)
                     yield l
-                copy = None
+                copy = lambda *rows: self.pool.submit(write_rows, *rows)  # noqa: E731
                 if self._to_host is not None:  # after the layer's work queued so far
                     ready = torch.cuda.Event()
                     ready.record(torch.cuda.current_stream(self.device))

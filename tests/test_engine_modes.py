@@ -131,7 +131,7 @@ def test_prefill_with_copies_and_builds_in_threads_equals_inline(engine, long_pr
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from index import OffloadedStore
+    from engine import model_runner
 
     runner, att = engine.runner, AttentionConfig(mode=mode, sink=16, window=64)
     ids, inline, chunk = long_prompt[:900], runner.pool, runner.chunk
@@ -149,8 +149,8 @@ def test_prefill_with_copies_and_builds_in_threads_equals_inline(engine, long_pr
         return logits, got, stats
 
     logits, stores, _ = prefill()
-    write = OffloadedStore.write
-    monkeypatch.setattr(OffloadedStore, "write", lambda *a: (time.sleep(0.12), write(*a)))
+    write = model_runner.write_rows
+    monkeypatch.setattr(model_runner, "write_rows", lambda *a: (time.sleep(0.25), write(*a)))
     with ThreadPoolExecutor(3) as pool:
         runner.pool = pool
         try:
@@ -191,7 +191,7 @@ def test_a_new_document_entry_filled_by_jobs_equals_inline(engine, long_prompt, 
     logits, got = prefill()
     write_rows = index.store.write_rows
     slow = lambda *a: (time.sleep(0.02), write_rows(*a))  # noqa: E731
-    monkeypatch.setattr("engine.kv.write_rows", slow)
+    monkeypatch.setattr("engine.model_runner.write_rows", slow)
     with ThreadPoolExecutor(3) as pool:
         runner.pool = pool
         try:

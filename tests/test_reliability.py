@@ -200,13 +200,13 @@ def test_a_prefill_failing_mid_layer_waits_for_its_copies(engine, long_prompt, m
     """The copies of a layer's K/V to the CPU stores run in a pool (as on CUDA); the graph input of a later
     layer fails after that layer's copy was queued. When the prefill raises, no copy is still running
     (it would read freed device memory on CUDA) and none starts later."""
-    from index import OffloadedStore
+    from engine import model_runner
 
     runner = ModelRunner(engine.model)
     runner.pool = ThreadPoolExecutor(2)
     kv = kv_module.SequenceKV(engine.shape, SMALL, 400, engine.device, torch.float32)
     started, finished, calls = [], [], []
-    write, knn = OffloadedStore.write, kv_module.graph_knn_later
+    write, knn = model_runner.write_rows, kv_module.graph_knn_later
 
     def slow_write(*a):
         started.append(1)
@@ -220,7 +220,7 @@ def test_a_prefill_failing_mid_layer_waits_for_its_copies(engine, long_prompt, m
             raise RuntimeError("CUDA out of memory")
         return knn(*a)
 
-    monkeypatch.setattr(OffloadedStore, "write", slow_write)
+    monkeypatch.setattr(model_runner, "write_rows", slow_write)
     monkeypatch.setattr(kv_module, "graph_knn_later", failing_knn)
     with pytest.raises(RuntimeError, match="out of memory"):
         runner.prefill(long_prompt[:300], kv)
