@@ -366,6 +366,8 @@ class Engine:
         self._thread.join(timeout=timeout)
         self.runner.pool.shutdown(wait=False, cancel_futures=True)
         self.runner.insert_pool.shutdown(wait=False, cancel_futures=True)
+        if self.runner._to_host is not None:
+            self.runner._to_host.pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ engine thread
     def _eos_ids(self) -> set[int]:

@@ -207,7 +207,9 @@ class ModelRunner:
         h = None
         try:
             h = _PrefillHidden(m, ids[c:], self.chunk, on_host)
-            bufs = self._prefill_kv(N, any(kv.stores is not None for kv in kvs))  # (beside the hidden states)
+            # (beside the hidden states) a second pair where a layer's K/V go to host memory: stores or a new entry
+            bufs = self._prefill_kv(N, any((kv.stores is not None and kv.split[1]) or kv.new_entry is not None
+                                           for kv in kvs))
             for l in range(s.n_layers):
                 k_all, v_all = bufs[l % len(bufs)]
                 if l >= len(bufs):  # the copies out of the pair this layer refills are done

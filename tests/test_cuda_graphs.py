@@ -97,7 +97,6 @@ def test_prefill_with_copies_on_side_streams_equals_inline(gpu_engine):
     att = AttentionConfig(mode="retrieval", sink=16, window=max(64, gpu_engine.shape.sliding_window))
     ids = torch.randint(100, gpu_engine.shape.vocab_size - 100, (3000,), generator=torch.Generator().manual_seed(2))
     chunk, pool, to_host = runner.chunk, runner.pool, runner._to_host
-    to_host.CHUNK = 2**20  # several pieces per layer, so that both pinned buffers take turns
 
     def prefill():
         kv = SequenceKV(gpu_engine.shape, att, len(ids) + 1, gpu_engine.device, torch.float32, gpu_engine.copy_scores)
@@ -111,13 +110,16 @@ def test_prefill_with_copies_on_side_streams_equals_inline(gpu_engine):
         return logits.cpu(), got
 
     assert len(runner._prefill_kv(8, True)) == 2, "one K/V pair: the copies would not overlap the next layer"
-    logits, stores = prefill()
+    to_host.CHUNK = 2**20  # several pieces per layer, so that both pinned buffers take turns
+    try:
+        logits, stores = prefill()
+    finally:
+        del to_host.CHUNK
     runner.pool, runner._to_host = InlineExecutor(), None
     try:
         logits_inline, stores_inline = prefill()
     finally:
         runner.pool, runner._to_host = pool, to_host
-        del to_host.CHUNK
     assert torch.equal(logits, logits_inline) and len(stores) == len(stores_inline) > 0
     for (k, v, adj), (ki, vi, adji) in zip(stores, stores_inline):
         assert torch.equal(k, ki) and torch.equal(v, vi) and (adj == adji).all()
