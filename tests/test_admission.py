@@ -18,7 +18,7 @@ def allocated(kv: SequenceKV) -> int:
     if kv.occ is not None:
         arrays += [kv.occ.tokens, kv.occ.by_token, kv.occ.sorted]
     for st in kv.stores:
-        arrays += [st.K, st.V, st.visited, st.stamps, st.cs, st.ci, st.cx] + (
+        arrays += [st.K, st.V, st.visited, st.stamps, st.cs, st.ci, st.cl] + (
             [st.adj, st.entries] if st.kind == "graph" else [])
     return sum(a.nbytes for a in arrays)
 

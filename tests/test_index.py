@@ -73,6 +73,29 @@ def test_exact_heads_of_a_graph_store_are_exact(data):
     np.testing.assert_allclose(o[1], w @ keys[want[1]] / w.sum(), rtol=1e-4, atol=1e-5)
 
 
+def test_a_graph_wider_than_its_search_list(data):
+    """A walk keeps a key's neighbours in the scratch id list: a degree above ef and k still gives k valid
+    keys and the attention over them, in a store's own search and in a batched step."""
+    keys, queries = data
+    H, d, k = 2, 32, 5
+    store = OffloadedStore("graph", 1, H, d, IndexParams(ef=8, degree=64), capacity=len(keys))
+    store.load(keys[None], keys[None], exact_topk(queries[:300], keys, 64)[None])
+    q = queries[300:302]
+    ids, _ = store.search(q, k)
+    assert ((ids >= 0) & (ids < len(keys))).all() and all(len(set(r)) == k for r in ids.tolist())
+    o, m, s = np.empty((H, d), np.float32), np.empty(H, np.float32), np.empty(H, np.float32)
+    store.attend(q, k, 1.0, o, m, s)
+    for h in range(H):
+        z = q[h] @ keys[ids[h]].T
+        w = np.exp(z - z.max())
+        np.testing.assert_allclose(o[h], w @ keys[ids[h]] / w.sum(), rtol=1e-4, atol=1e-5)
+    ob, ms = np.empty((1, H, d), np.float32), np.empty((1, 2, H), np.float32)
+    attend_batch(np.stack([store.describe(), NO_DESC])[None, :, None], 0,
+                 request_row(0, k, [store.part(k, len(keys), None)])[None], 1, 1.0, q[None], ob, ms, store.dtype,
+                 BatchScratch(d))
+    np.testing.assert_allclose(ob[0], o, rtol=1e-5, atol=1e-6)
+
+
 def test_exact_heads_past_exact_max_look_at_the_occurrences(data):
     keys, queries = data
     store = OffloadedStore("graph", 1, 2, 32, IndexParams(ef=32, exact_max=0), capacity=len(keys),
@@ -300,18 +323,23 @@ def test_a_graph_that_starts_empty_is_searchable_as_keys_are_inserted(data):
 
 
 def test_batch_scratch_grows_every_list_to_the_widest_search():
-    """Each thread's search lists (scores, ids, flags) are as long as the widest search of a step, however
-    their rows are padded (a list shorter than k once made a flat search with k = all fail)."""
+    """Each thread's search lists (scores, ids, candidates) are as long as the widest search of a step and the
+    largest graph degree (a walk keeps a key's neighbours in ci), however their rows are padded (a list
+    shorter than k once made a flat search with k = all fail)."""
     from index import kernels
 
     scratch = BatchScratch(32)
     for width in (100, 1545, 1561, 1600):
         part = np.zeros(kernels.PART_FIELDS, np.int64)
         part[kernels.P_N] = width  # keys in the part; k asks for all of them
-        scratch.fit(request_row(0, 10**6, [part])[None])
-        assert min(a.shape[1] for a in (scratch.cs, scratch.ci, scratch.cx)) >= width
+        scratch.fit(request_row(0, 10**6, [part])[None], NO_DESC[None, None, None])
+        assert min(a.shape[1] for a in (scratch.cs, scratch.ci, scratch.cl)) >= width
         assert scratch.visited.shape[1] >= width
-        assert all(a.ctypes.data % 128 == 0 and a.strides[0] % 128 == 0 for a in (scratch.cs, scratch.ci, scratch.cx))
+        assert all(a.ctypes.data % 128 == 0 and a.strides[0] % 128 == 0 for a in (scratch.cs, scratch.ci, scratch.cl))
+    desc = NO_DESC.copy()
+    desc[kernels.D_R] = 4000
+    scratch.fit(request_row(0, 8, [part])[None], desc[None, None, None])
+    assert min(a.shape[1] for a in (scratch.cs, scratch.ci, scratch.cl)) >= 4000
 
 
 def test_room_reserved_for_later_keys_takes_no_memory_until_they_come(data):
