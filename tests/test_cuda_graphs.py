@@ -125,6 +125,53 @@ def test_prefill_with_copies_on_side_streams_equals_inline(gpu_engine):
         assert torch.equal(k, ki) and torch.equal(v, vi) and (adj == adji).all()
 
 
+@pytest.mark.parametrize("mode", ["retrieval", "streaming"])
+def test_a_new_document_entry_copied_on_side_streams_equals_inline(gpu_engine, mode):
+    """A prompt that makes a document-cache entry: on CUDA its host K/V (sink and tail, or every token where
+    the mode has no stores) and its stores' rows go through the pinned side-stream copies. The entry equals
+    the one a prefill that copies inline makes."""
+    import numpy as np
+
+    from engine.doc_cache import DocEntry
+    from engine.model_runner import InlineExecutor
+
+    if gpu_engine.shape.sliding_layers:
+        pytest.skip("the document cache does not serve models with sliding-window layers")
+    runner = gpu_engine.runner
+    att = AttentionConfig(mode=mode, sink=16, window=max(64, gpu_engine.shape.sliding_window))
+    ids = torch.randint(100, gpu_engine.shape.vocab_size - 100, (3000,), generator=torch.Generator().manual_seed(3))
+    chunk, pool, to_host = runner.chunk, runner.pool, runner._to_host
+
+    def prefill():
+        e = DocEntry((mode,), np.asarray(ids, np.int64))
+        kv = SequenceKV(gpu_engine.shape, att, len(ids) + 1, gpu_engine.device, torch.float32, gpu_engine.copy_scores,
+                        new_entry=e)
+        runner.chunk = 256
+        try:
+            logits, _ = runner.prefill(ids.tolist(), kv)
+        finally:
+            runner.chunk = chunk
+        kv.free()
+        rows = [s.kv_rows(s.n) for s in e.stores if s.n] if e.stores is not None else []
+        return logits.cpu(), [t.clone() for t in (e.sink_k, e.sink_v, e.tail_k, e.tail_v, *(t for r in rows for t in r))]
+
+    to_host.CHUNK = 2**20
+    try:
+        logits, got = prefill()
+    finally:
+        del to_host.CHUNK
+    runner.pool, runner._to_host = InlineExecutor(), None
+    try:
+        logits_inline, got_inline = prefill()
+    finally:
+        runner.pool, runner._to_host = pool, to_host
+    assert torch.equal(logits, logits_inline) and len(got) == len(got_inline) >= 4
+    if mode == "streaming":
+        assert got[2].shape[2] == len(ids)  # every token's K/V
+    for a, b in zip(got, got_inline):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("a,d", [(0, 64), (512, 64), (1000, 64), (512, 128), (1000, 256)])
 def test_cudnn_chunk_attention_equals_masked_sdpa(a, d):
     """A prefill chunk's attention as two cuDNN calls merged by log-sum-exp (its own keys causal, the earlier
