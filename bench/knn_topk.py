@@ -5,7 +5,11 @@ to `flat`'s. Variants side by side on synthetic keys and queries of one KV head:
 - `fp32`: float32 scores, one torch.topk per row over every key (what exact_topk did);
 - `fp32-blocks`: the same scores, top-L of each block of B keys first, then top-L of those candidates
   (the same keys, up to ties);
-- `bf16`, `bf16-blocks`: scores from a bf16 product (rounded to bf16: near-ties at the L-th key swap).
+- `bf16`, `bf16-blocks`: scores from a bf16 product (rounded to bf16: near-ties at the L-th key swap);
+- `fp32-maxblocks`: float32 scores, torch.topk over the columns of the L blocks of 128 with the largest
+  maxima (index.knn.top_columns: the same keys, up to ties);
+- `engine`: what the prefill runs (index.knn): the bf16 queries and keys on the tensor cores with a float32
+  result (the float32 product's values, summed in another order), then `top_columns`.
 
     python bench/knn_topk.py --keys 131072,1048576 --out bench/results/knn_topk_h200.json
 
@@ -20,6 +24,9 @@ import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from index.knn import _topk, top_columns  # noqa: E402
 
 
 def blocks_topk(s: torch.Tensor, L: int, B: int) -> torch.Tensor:
@@ -38,13 +45,18 @@ def blocks_topk(s: torch.Tensor, L: int, B: int) -> torch.Tensor:
 
 
 def run(q: torch.Tensor, k: torch.Tensor, L: int, variant: str, B: int, chunk_elems: int) -> torch.Tensor:
+    if variant == "engine":
+        return _topk(q[None], k[None], L, chunk_elems)[0].long()
     dt = torch.bfloat16 if variant.startswith("bf16") else torch.float32
     qq, kk = q.to(dt), k.to(dt)
     rows = max(1, chunk_elems // k.shape[0])
     out = torch.empty(q.shape[0], L, dtype=torch.long, device=q.device)
     for a in range(0, q.shape[0], rows):
         s = qq[a: a + rows] @ kk.T
-        out[a: a + rows] = blocks_topk(s, L, B) if variant.endswith("blocks") else s.topk(L, dim=1).indices
+        if variant.endswith("maxblocks"):
+            out[a: a + rows] = top_columns(s, L)
+        else:
+            out[a: a + rows] = blocks_topk(s, L, B) if variant.endswith("blocks") else s.topk(L, dim=1).indices
     return out
 
 
@@ -54,6 +66,8 @@ def main(argv=None):
     ap.add_argument("--queries", type=int, default=8192, help="build queries per KV head (4 query heads x 2,048)")
     ap.add_argument("--knn", type=int, default=64)
     ap.add_argument("--blocks", default="2048,8192")
+    ap.add_argument("--variants", default="fp32,bf16,fp32-blocks,bf16-blocks,fp32-maxblocks,engine",
+                    help="fp32 (the reference) runs first whatever this says")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="bench/results/knn_topk.json")
     a = ap.parse_args(argv)
@@ -65,8 +79,10 @@ def main(argv=None):
         k = (torch.randn(n, 128, device=dev, generator=g) + 0.5).to(torch.bfloat16)
         q = (torch.randn(a.queries, 128, device=dev, generator=g) + 0.5).to(torch.bfloat16)
         ref = None
-        variants = [("fp32", 0)] + [(v, int(b)) for v in ("fp32-blocks", "bf16-blocks") for b in a.blocks.split(",")]
-        variants.insert(1, ("bf16", 0))
+        want = a.variants.split(",")
+        variants = [("fp32", 0)] + [(v, 0) for v in ("bf16",) if v in want]
+        variants += [(v, int(b)) for v in ("fp32-blocks", "bf16-blocks") if v in want for b in a.blocks.split(",")]
+        variants += [(v, 0) for v in ("fp32-maxblocks", "engine") if v in want]
         for name, B in variants:
             times = []
             for _ in range(a.reps):

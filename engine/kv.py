@@ -410,7 +410,7 @@ class SequenceKV:
         copied = copy(*store.kv_rows(m), k_mid, v_mid, store.pack)
         reads.append(copied)
         if store.kind == "graph":  # from the keys as the model made them (the store may keep them compact)
-            knn = graph_knn_later(q_rows.float(), k_mid, self.cfg.index.knn, self.cfg.index.per_head)
+            knn = graph_knn_later(q_rows, k_mid, self.cfg.index.knn, self.cfg.index.per_head)
             builds += [pool.submit(lambda a=a: store.build(m, knn.array(), range(a, a + 1))) for a in range(store.A)]
         else:  # flat and hnswlib: once copied (hnswlib indexes the stored keys), a worker waiting for it meanwhile
             builds.append(pool.submit(lambda: (copied.result(), store.build(m, None))))

@@ -73,6 +73,19 @@ def test_exact_heads_of_a_graph_store_are_exact(data):
     np.testing.assert_allclose(o[1], w @ keys[want[1]] / w.sum(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [5000, 20000, 20077])
+def test_top_columns_by_block_maxima_equal_topk(n):
+    """The graph input's top-L by way of the L blocks with the largest maxima equals torch.topk's, for rows
+    whose best keys sit together in a few blocks as well as spread out, with and without a partial last block
+    (n = 5000: few blocks, a plain topk)."""
+    from index.knn import top_columns
+
+    s = torch.randn(40, n, generator=torch.Generator().manual_seed(n))
+    s[:20, 3000:3300] += 4.0  # half the rows: their top 64 all in three neighbouring blocks
+    s[:, -5:] += 6.0  # the last columns (a partial block where n is not a multiple of 128) among the best
+    assert torch.equal(top_columns(s, 64), s.topk(64, dim=1).indices)
+
+
 def test_a_graph_wider_than_its_search_list(data):
     """A walk keeps a key's neighbours in the scratch id list: a degree above ef and k still gives k valid
     keys and the attention over them, in a store's own search and in a batched step."""
