@@ -9,19 +9,20 @@ from engine.sampling import SamplingParams
 from engine.sequence import Request
 
 SMALL = dict(sink=16, window=32, evict_block=8)
+TOKENS = 40  # long enough that the early requests still decode when the later ones join (28 was not, once walks got faster)
 # modes, retrieval sizes, static parts and sampling settings that differ within one batch
 MIXES = [
-    (AttentionConfig(mode="retrieval", **SMALL), SamplingParams(max_tokens=28, temperature=0, ignore_eos=True)),
-    (AttentionConfig(mode="full"), SamplingParams(max_tokens=28, temperature=0, ignore_eos=True)),
-    (AttentionConfig(mode="streaming", **SMALL), SamplingParams(max_tokens=28, temperature=0, ignore_eos=True)),
-    (AttentionConfig(mode="flat", top_k=20, **SMALL), SamplingParams(max_tokens=28, temperature=0, ignore_eos=True)),
-    (AttentionConfig(mode="hnsw", **SMALL), SamplingParams(max_tokens=28, temperature=0, ignore_eos=True)),
+    (AttentionConfig(mode="retrieval", **SMALL), SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)),
+    (AttentionConfig(mode="full"), SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)),
+    (AttentionConfig(mode="streaming", **SMALL), SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)),
+    (AttentionConfig(mode="flat", top_k=20, **SMALL), SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)),
+    (AttentionConfig(mode="hnsw", **SMALL), SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)),
     (AttentionConfig(mode="retrieval", top_k=10, sink=4, window=64, evict_block=16),
-     SamplingParams(max_tokens=28, temperature=0, ignore_eos=True)),
+     SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)),
     (AttentionConfig(mode="retrieval", **SMALL).override(dtype="int8"),  # int8 rows, packed at eviction
-     SamplingParams(max_tokens=28, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)),
+     SamplingParams(max_tokens=TOKENS, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)),
     (AttentionConfig(mode="flat", **SMALL).override(dtype="bf16"),  # a store of another dtype: a call of its own
-     SamplingParams(max_tokens=28, temperature=0, frequency_penalty=0.5, ignore_eos=True)),
+     SamplingParams(max_tokens=TOKENS, temperature=0, frequency_penalty=0.5, ignore_eos=True)),
 ]
 
 
