@@ -9,7 +9,7 @@ from engine.sampling import SamplingParams
 from engine.sequence import Request
 
 SMALL = dict(sink=16, window=32, evict_block=8)
-TOKENS = 40  # long enough that the early requests still decode when the later ones join (28 was not, once walks got faster)
+TOKENS = 64  # long enough that the early requests still decode when the later ones join (28 was not, once walks got faster)
 # modes, retrieval sizes, static parts and sampling settings that differ within one batch
 MIXES = [
     (AttentionConfig(mode="retrieval", **SMALL), SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)),
