@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 import torch
 
-from index import store_format, warm_up
+from index import store_format, warm_up, warm_up_device
 
 from .attention import AttentionConfig
 from .detokenize import IncrementalDetokenizer
@@ -380,10 +380,14 @@ class Engine:
 
     def plan_prefill(self):
         """cuDNN's prefill attention plans for prompts up to PLAN_PREFILL_TOKENS, in the calling thread: its
-        plan cache is per thread, so this runs where the prefills run (the engine thread, at start)."""
+        plan cache is per thread, so this runs where the prefills run (the engine thread, at start). And the
+        graph input's Triton kernels, compiled before the first long prompt needs them."""
         t = time.perf_counter()
         if n := self.runner.plan_prefill_attention(min(self.max_model_len, PLAN_PREFILL_TOKENS)):
             log.info("cuDNN prefill attention planned for prompts up to %d tokens in %.1f s", n, time.perf_counter() - t)
+        t = time.perf_counter()
+        if self.device.type == "cuda" and warm_up_device(self.device, self.model.dtype, self.shape.head_dim):
+            log.info("the graph input's kernels compiled in %.1f s", time.perf_counter() - t)
 
     def _loop(self):
         try:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .knn import exact_topk, graph_knn, graph_knn_later
+from .knn import exact_topk, graph_knn, graph_knn_later, warm_up_device
 from .store import (KINDS, MIN_CAPACITY, NO_DESC, NO_PART, STORE_DTYPES, BatchScratch, IndexParams, OffloadedStore,
                     attend_batch, pack, request_row, row_format, store_format, write_rows)
 
 __all__ = ["KINDS", "MIN_CAPACITY", "NO_DESC", "NO_PART", "BatchScratch", "IndexParams", "OffloadedStore", "attend_batch",
            "pack", "request_row", "row_format", "store_format", "Index", "build_index", "exact_topk", "graph_knn",
-           "graph_knn_later", "warm_up", "write_rows"]
+           "graph_knn_later", "warm_up", "warm_up_device", "write_rows"]
 
 
 def warm_up():

@@ -62,11 +62,45 @@ def _topk(q: torch.Tensor, k: torch.Tensor, L: int, chunk_elems: int) -> torch.T
     B, n = k.shape[0], k.shape[1]
     chunk = max(1, chunk_elems // max(1, n))
     out = torch.empty((B, q.shape[1], L), dtype=torch.int32, device=q.device)
+    fused = _fused(q, k, L)
+    redo = []  # (batch entry, its rows the fused passes could not do)
     for b in range(B):
         kb = k[b].to(q.dtype).contiguous()
+        if fused is not None:
+            ids, bad = fused.topk_ids(q[b].contiguous(), kb, L)
+            out[b] = ids
+            redo.append(bad)
+            continue
         for s in range(0, q.shape[1], chunk):
             out[b, s:s + chunk] = top_columns(_scores(q[b, s:s + chunk], kb), L)
+    if redo and bool(torch.stack(redo).any()):  # rare: one host sync per call decides it
+        for b, bad in enumerate(redo):
+            rows = bad.nonzero().flatten()
+            kb = k[b].to(q.dtype).contiguous()
+            for s in range(0, len(rows), chunk):
+                r = rows[s:s + chunk]
+                out[b, r] = top_columns(_scores(q[b, r], kb), L).int()
     return out
+
+
+def warm_up_device(device: torch.device, dtype: torch.dtype, d: int, L: int = 64) -> bool:
+    """Compile the fused graph input's Triton kernels now (about a second), not in the first long prompt.
+    -> whether they apply to this device, dtype and head size."""
+    k = torch.randn(TOPK_BLOCK * (2 * L + 1), d, device=device).to(dtype)
+    q = torch.randn(64, d, device=device).to(dtype)
+    if _fused(q[None], k[None], L) is None:
+        return False
+    _topk(q[None], k[None], L, 1 << 26)
+    return True
+
+
+def _fused(q: torch.Tensor, k: torch.Tensor, L: int):
+    """index.knn_cuda where it applies (it needs Triton, so only CUDA imports it), else None."""
+    if q.device.type != "cuda":
+        return None
+    from . import knn_cuda
+
+    return knn_cuda if knn_cuda.supported(q[0], k[0], L) else None
 
 
 def exact_topk(queries, keys, L: int, chunk_elems: int = 1 << 26) -> np.ndarray:
