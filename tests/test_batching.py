@@ -9,7 +9,7 @@ from engine.sampling import SamplingParams
 from engine.sequence import Request
 
 SMALL = dict(sink=16, window=32, evict_block=8)
-TOKENS = 64  # long enough that the early requests still decode when the later ones join (28 was not, once walks got faster)
+TOKENS = 20  # past two evictions (evict_block 8); every request shares every step (run_together)
 # modes, retrieval sizes, static parts and sampling settings that differ within one batch
 MIXES = [
     (AttentionConfig(mode="retrieval", **SMALL), SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)),
@@ -31,7 +31,17 @@ def requests(long_prompt, tag):
     return [Request(long_prompt[: 150 + 60 * i], sp, att, request_id=f"{tag}-{i}") for i, (att, sp) in enumerate(MIXES)]
 
 
-def run_together(engine, reqs, on_each=None, seqs=None):
+def run_together(engine, reqs, monkeypatch, on_each=None, seqs=None):
+    """Submit every request; decoding starts once all of them have prefilled (else the first would finish
+    while the last prefill: how many share a step would depend on the machine's speed)."""
+    real_step, opened = engine._decode_step, []
+
+    def step(batch):
+        if opened or len(batch) == len(reqs):
+            opened.append(True)
+            real_step(batch)
+
+    monkeypatch.setattr(engine, "_decode_step", step)
     outs = {r.request_id: [] for r in reqs}
     done = threading.Semaphore(0)
     running = []
@@ -77,8 +87,8 @@ def test_batched_greedy_and_seeded_outputs_equal_each_run_alone(engine, long_pro
     monkeypatch.setattr(model_runner, "attend_batch",
                         lambda desc, l, req, *a: (calls.append((len(sizes), l, len(req))),
                                                   real_lookups(desc, l, req, *a))[1])
-    outs, most = run_together(engine, reqs)
-    assert most >= 6 and max(sizes) >= 6, f"at most {max(sizes)} sequences shared a step: this did not test batching"
+    outs, most = run_together(engine, reqs, monkeypatch)
+    assert most == 8 and max(sizes) == 8, f"at most {max(sizes)} sequences shared a step: this did not test batching"
     # the flat and graph stores of every request in a step (5 of the 8 here) are searched in one call per layer
     # and store dtype (float32: 3 of them, bf16: 1, int8: 1)
     per_layer = {}  # (step, layer) -> requests in each call
@@ -93,7 +103,8 @@ def test_batched_greedy_and_seeded_outputs_equal_each_run_alone(engine, long_pro
     assert engine.cpu_kv_bytes() == 0 and no_device_rows_held(engine)
 
 
-def test_a_disconnect_mid_batch_frees_that_request_at_once_and_changes_no_other(engine, long_prompt, alone):
+def test_a_disconnect_mid_batch_frees_that_request_at_once_and_changes_no_other(engine, long_prompt, alone,
+                                                                                monkeypatch):
     reqs = requests(long_prompt, "drop")
     victim = reqs[0].request_id
     after = {}  # other requests' tokens since the abort: a second one comes from a later step
@@ -109,7 +120,7 @@ def test_a_disconnect_mid_batch_frees_that_request_at_once_and_changes_no_other(
                 freed.append(seqs[victim].kv is None)
 
     seqs = {}
-    outs, _ = run_together(engine, reqs, on_each, seqs)
+    outs, _ = run_together(engine, reqs, monkeypatch, on_each, seqs)
     assert outs[victim][-1].finish_reason == "abort" and len(outs[victim]) <= 7
     assert freed and all(freed), "the KV of an aborted request outlived the next step"
     for r, ref in zip(reqs[1:], alone[1:]):

@@ -138,7 +138,7 @@ def test_the_base_model_completes_text_and_refuses_chat(gemma):
         gemma.encode_chat([{"role": "user", "content": "hi"}])
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(2))  # 4/4 solved by both on seeds 0-3; two keep the suite short
 def test_retrieval_finds_the_passkey_when_full_does(gemma, seed):
     """~3.5K tokens, completion-style (a base model): one prefill for both, each decoded greedily."""
     from bench.accuracy import Run, run_sample
