@@ -36,22 +36,29 @@ def test_cpu_modes_with_all_keys_equal_full(engine, long_prompt, full_run, mode)
         assert torch.linalg.vector_norm(a - b) <= 1e-4 * torch.linalg.vector_norm(b)
 
 
+PAST = 40  # decode steps past the window: two evictions of 16 tokens
+
+
+@pytest.fixture(scope="module")
+def full_past_window(engine, long_prompt):
+    return greedy_logits(engine, long_prompt, AttentionConfig(mode="full"), PAST)[0]
+
+
 @pytest.mark.parametrize("mode", ["flat", "retrieval"])
-def test_generation_past_the_window_stays_exact(engine, long_prompt, mode):
+def test_generation_past_the_window_stays_exact(engine, long_prompt, full_past_window, mode):
     """Small window: tokens slide out during decoding, into the store and its index."""
     small = dict(sink=16, window=64, evict_block=16)
-    full, _, _ = greedy_logits(engine, long_prompt, AttentionConfig(mode="full"), 48)
     att = AttentionConfig(mode=mode, top_k=ALL, **small)
-    kv = SequenceKV(engine.shape, att, len(long_prompt) + 48, engine.device, engine.model.dtype)
+    kv = SequenceKV(engine.shape, att, len(long_prompt) + PAST, engine.device, engine.model.dtype)
     logits, _ = engine.runner.prefill(long_prompt, kv)
     n0 = kv.offloaded_tokens()
     tokens = []
-    for i in range(48):
+    for i in range(PAST):
         tokens.append(int(torch.argmax(logits)))
         logits = engine.runner.decode(tokens[-1], len(long_prompt) + i, kv, ALL)
     assert kv.offloaded_tokens() > n0  # evicted tokens were inserted
     assert kv.take_insert_seconds() > 0 and kv.take_insert_seconds() == 0  # their time, counted once
-    assert tokens == full
+    assert tokens == full_past_window
 
 
 def test_streaming_mode_differs_from_full_on_long_prompt(engine, long_prompt, full_run):
