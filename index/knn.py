@@ -1,8 +1,12 @@
 """Exact query -> key top-L by matrix products: the input of the attention-aware graph build."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
+
+log = logging.getLogger("rattn.index")
 
 
 class HostIds:
@@ -59,47 +63,64 @@ def top_columns(s: torch.Tensor, L: int, B: int = TOPK_BLOCK) -> torch.Tensor:
 
 def _topk(q: torch.Tensor, k: torch.Tensor, L: int, chunk_elems: int) -> torch.Tensor:
     """q (B, m, d), k (B, n, d) -> (B, m, L) int32 on q's device, best first."""
-    B, n = k.shape[0], k.shape[1]
+    B, m, n = q.shape[0], q.shape[1], k.shape[1]
     chunk = max(1, chunk_elems // max(1, n))
-    out = torch.empty((B, q.shape[1], L), dtype=torch.int32, device=q.device)
+    out = torch.empty((B, m, L), dtype=torch.int32, device=q.device)
     fused = _fused(q, k, L)
-    redo = []  # (batch entry, its rows the fused passes could not do)
+    redo = []  # (batch entry, first row, its rows the fused passes could not do)
     for b in range(B):
         kb = k[b].to(q.dtype).contiguous()
         if fused is not None:
-            ids, bad = fused.topk_ids(q[b].contiguous(), kb, L)
-            out[b] = ids
-            redo.append(bad)
-            continue
-        for s in range(0, q.shape[1], chunk):
+            rows = max(fused.BM, chunk_elems * fused.BN // n)  # block maxima within chunk_elems floats
+            try:
+                for s in range(0, m, rows):
+                    ids, bad = fused.topk_ids(q[b, s:s + rows].contiguous(), kb, L)
+                    out[b, s:s + rows] = ids
+                    redo.append((b, s, bad))
+                continue
+            except Exception as e:  # a kernel that does not build here (too little shared memory, say)
+                _fused_failed(e)
+                fused, redo = None, [r for r in redo if r[0] != b]
+        for s in range(0, m, chunk):
             out[b, s:s + chunk] = top_columns(_scores(q[b, s:s + chunk], kb), L)
-    if redo and bool(torch.stack(redo).any()):  # rare: one host sync per call decides it
-        for b, bad in enumerate(redo):
-            rows = bad.nonzero().flatten()
+    if redo and bool(torch.cat([bad for _, _, bad in redo]).any()):  # rare: one host sync per call decides it
+        for b, s, bad in redo:
+            rows = bad.nonzero().flatten() + s
             kb = k[b].to(q.dtype).contiguous()
-            for s in range(0, len(rows), chunk):
-                r = rows[s:s + chunk]
+            for c in range(0, len(rows), chunk):
+                r = rows[c:c + chunk]
                 out[b, r] = top_columns(_scores(q[b, r], kb), L).int()
     return out
 
 
 def warm_up_device(device: torch.device, dtype: torch.dtype, d: int, L: int = 64) -> bool:
     """Compile the fused graph input's Triton kernels now (about a second), not in the first long prompt.
-    -> whether they apply to this device, dtype and head size."""
+    -> whether they apply to this device, dtype and head size, and built."""
     k = torch.randn(TOPK_BLOCK * (2 * L + 1), d, device=device).to(dtype)
     q = torch.randn(64, d, device=device).to(dtype)
     if _fused(q[None], k[None], L) is None:
         return False
     _topk(q[None], k[None], L, 1 << 26)
-    return True
+    return not _FUSED_OFF
+
+
+_FUSED_OFF: list[Exception] = []  # why the fused passes are off in this process (no Triton, a failed build)
+
+
+def _fused_failed(e: Exception):
+    log.warning("the fused graph input is off (%s: %s): the torch path computes it", type(e).__name__, e)
+    _FUSED_OFF.append(e)
 
 
 def _fused(q: torch.Tensor, k: torch.Tensor, L: int):
     """index.knn_cuda where it applies (it needs Triton, so only CUDA imports it), else None."""
-    if q.device.type != "cuda":
+    if q.device.type != "cuda" or _FUSED_OFF:
         return None
-    from . import knn_cuda
-
+    try:
+        from . import knn_cuda
+    except Exception as e:
+        _fused_failed(e)
+        return None
     return knn_cuda if knn_cuda.supported(q[0], k[0], L) else None
 
 

@@ -10,6 +10,8 @@ head at 128K tokens and read them back.
 3. torch.topk over the C candidates. A row with more than C candidates (many ties, or many high scores in
    its best blocks) is redone by the torch path.
 
+Rows go in chunks (index.knn), so that the block maxima stay within the caller's memory bound.
+
 Used by index.knn on CUDA for bf16/fp16 queries and keys; bench/knn_topk.py measures it.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ import triton
 import triton.language as tl
 
 BM, BN = 64, 128  # BN: index.knn.TOPK_BLOCK
-CAP = 512          # candidates kept per row
+CAP = 512          # candidates kept per row, per 64 of L
 WARPS = 4          # the same tiles and warps in both passes: the same products, bit for bit
 SPLIT = 4          # programs per block of keys in the second pass
 
@@ -47,11 +49,13 @@ def _collect(Q, K, ROWS, OFF, TAU, CNT, CS, CI, N, C, D: tl.constexpr, BM: tl.co
     """Block b's keys against the rows that have b among their L best blocks (ROWS[OFF[b]:OFF[b + 1]]), BM rows
     at a time, SPLIT programs per block (the sink block is in nearly every row's list)."""
     b, part = tl.program_id(0), tl.program_id(1)
-    start, end = tl.load(OFF + b), tl.load(OFF + b + 1)
+    start, end = tl.load(OFF + b) + part * BM, tl.load(OFF + b + 1)
+    if start >= end:  # most blocks are in few rows' lists: no work, and no keys to read
+        return
     cols = b * BN + tl.arange(0, BN)
     d = tl.arange(0, D)
     k = tl.load(K + cols[:, None].to(tl.int64) * D + d[None, :], mask=cols[:, None] < N, other=0.0)
-    for i in range(start + part * BM, end, BM * SPLIT):
+    for i in range(start, end, BM * SPLIT):
         j = i + tl.arange(0, BM)
         live = j < end
         rows = tl.load(ROWS + j, mask=live, other=0)
@@ -68,29 +72,35 @@ def _collect(Q, K, ROWS, OFF, TAU, CNT, CS, CI, N, C, D: tl.constexpr, BM: tl.co
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, L: int) -> bool:
-    """Where the two passes apply: 16-bit CUDA tensors, a power-of-two head size, and enough blocks of keys
-    that skipping most of them pays (else one torch.topk is as good)."""
+    """Where the two passes apply: 16-bit CUDA tensors on a GPU with bf16 tensor cores (sm_80+), a
+    power-of-two head size, and enough blocks of keys that skipping most of them pays (else one torch.topk
+    is as good)."""
     d = q.shape[-1]
-    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and
-            d in (64, 128, 256) and k.shape[0] // BN > 2 * L and L <= CAP)
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability(q.device) >=
+            (8, 0) and d in (64, 128, 256) and k.shape[0] // BN > 2 * L)
 
 
 def topk_ids(q: torch.Tensor, k: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
     """q (m, d), k (n, d) contiguous, 16-bit, on CUDA -> (ids (m, L) int64 best first, redo (m,) bool: rows with
-    more than CAP candidates, whose ids are not valid). Queued without a host sync."""
+    more candidates than the list holds, whose ids are not valid). Queued without a host sync. Memory: m x n/128
+    floats of block maxima."""
     m, d = q.shape
     n = k.shape[0]
     nb = triton.cdiv(n, BN)
     bmax = torch.empty((m, nb), dtype=torch.float32, device=q.device)
     _block_max[(triton.cdiv(m, BM), nb)](q, k, bmax, m, n, nb, D=d, BM=BM, BN=BN, num_warps=WARPS)
     best = bmax.topk(L, dim=1)
-    tau = best.values[:, -1].contiguous()
+    tau = best.values[:, -1]
+    # the second pass takes scores a hair below tau: were its products ever to differ from the first
+    # pass's in the last bits, no top-L score would fall out (a few more candidates, the same result)
+    tau = (tau - tau.abs() * 2**-10 - 1e-3).contiguous()
     # (block, row) pairs grouped by block: each block's keys meet only the rows that need them
     pair = (best.indices.long() * m + torch.arange(m, device=q.device)[:, None]).flatten().sort().values
     rows = (pair % m).int()
     off = torch.searchsorted(pair // m, torch.arange(nb + 1, device=q.device)).int()  # bincount would sync
     cnt = torch.zeros(m, dtype=torch.int32, device=q.device)
-    cs = torch.full((m, CAP), float("-inf"), dtype=torch.float32, device=q.device)
-    ci = torch.zeros((m, CAP), dtype=torch.int32, device=q.device)
-    _collect[(nb, SPLIT)](q, k, rows, off, tau, cnt, cs, ci, n, CAP, D=d, BM=BM, BN=BN, SPLIT=SPLIT, num_warps=WARPS)
-    return ci.gather(1, cs.topk(L, dim=1).indices).long(), (cnt > CAP) | (cnt < L)
+    cap = CAP * max(1, L // 64)
+    cs = torch.full((m, cap), float("-inf"), dtype=torch.float32, device=q.device)
+    ci = torch.zeros((m, cap), dtype=torch.int32, device=q.device)
+    _collect[(nb, SPLIT)](q, k, rows, off, tau, cnt, cs, ci, n, cap, D=d, BM=BM, BN=BN, SPLIT=SPLIT, num_warps=WARPS)
+    return ci.gather(1, cs.topk(L, dim=1).indices).long(), (cnt > cap) | (cnt < L)

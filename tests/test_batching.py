@@ -1,5 +1,6 @@
 """Many requests in one decode step: each gets exactly what it gets alone, whatever shares its step."""
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -27,8 +28,10 @@ MIXES = [
 
 
 def requests(long_prompt, tag):
-    # prompts of different lengths, so sequences sit at different positions in every step
-    return [Request(long_prompt[: 150 + 60 * i], sp, att, request_id=f"{tag}-{i}") for i, (att, sp) in enumerate(MIXES)]
+    # prompts of different lengths, so sequences sit at different positions in every step; different lengths
+    # of output, so the batch shrinks one request at a time
+    return [Request(long_prompt[: 150 + 60 * i], replace(sp, max_tokens=TOKENS + 2 * i), att, request_id=f"{tag}-{i}")
+            for i, (att, sp) in enumerate(MIXES)]
 
 
 def run_together(engine, reqs, monkeypatch, on_each=None, seqs=None):
@@ -37,7 +40,8 @@ def run_together(engine, reqs, monkeypatch, on_each=None, seqs=None):
     real_step, opened = engine._decode_step, []
 
     def step(batch):
-        if opened or len(batch) == len(reqs):
+        sched = engine.scheduler  # all are in, or none is left to come (one ended early: the test will say)
+        if opened or len(batch) == len(reqs) or not (sched.waiting or sched.prefilling):
             opened.append(True)
             real_step(batch)
 

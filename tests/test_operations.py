@@ -121,6 +121,7 @@ def test_sigterm_with_four_requests_exits_0_and_ends_every_stream():
     deadline = time.monotonic() + 60
     while not (chunks(1) and chunks(0) >= 9) and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert time.monotonic() < deadline, (chunks(0), chunks(1))
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)

@@ -285,7 +285,7 @@ def test_request_timeout_ends_decoding_as_length_and_frees_it(engine, long_promp
     monkeypatch.setattr(engine.scheduler, "max_num_seqs", 1)  # the second one waits behind the first
     blocker = collect(engine, Request(long_prompt[:300], SamplingParams(max_tokens=5000, ignore_eos=True), SMALL))
     waiting = collect(engine, Request(long_prompt[:300], SamplingParams(max_tokens=5), SMALL))
-    assert waiting[1].wait(15) and blocker[1].wait(15)
+    assert waiting[1].wait(timeout + 15) and blocker[1].wait(timeout + 15)
     assert [(o.token, o.finish_reason) for o in waiting[0]] == [(None, "length")]
 
 
