@@ -81,16 +81,19 @@ def _topk(q: torch.Tensor, k: torch.Tensor, L: int, chunk_elems: int) -> torch.T
             except Exception as e:  # a kernel that does not build here (too little shared memory, say)
                 _fused_failed(e)
                 fused, redo = None, [r for r in redo if r[0] != b]
-        for s in range(0, m, chunk):
-            out[b, s:s + chunk] = top_columns(_scores(q[b, s:s + chunk], kb), L)
+        out[b] = _by_products(q[b], kb, L, chunk)
     if redo and bool(torch.cat([bad for _, _, bad in redo]).any()):  # rare: one host sync per call decides it
         for b, s, bad in redo:
-            rows = bad.nonzero().flatten() + s
-            kb = k[b].to(q.dtype).contiguous()
-            for c in range(0, len(rows), chunk):
-                r = rows[c:c + chunk]
-                out[b, r] = top_columns(_scores(q[b, r], kb), L).int()
+            if len(rows := bad.nonzero().flatten() + s):
+                out[b, rows] = _by_products(q[b, rows], k[b].to(q.dtype).contiguous(), L, chunk)
     return out
+
+
+def _by_products(qb: torch.Tensor, kb: torch.Tensor, L: int, chunk: int) -> torch.Tensor:
+    """qb (r, d) rows' top-L over kb (n, d) from their scores, `chunk` rows at a time -> (r, L) int32."""
+    if not len(qb):
+        return torch.empty((0, L), dtype=torch.int32, device=qb.device)
+    return torch.cat([top_columns(_scores(qb[s:s + chunk], kb), L) for s in range(0, len(qb), chunk)]).int()
 
 
 def warm_up_device(device: torch.device, dtype: torch.dtype, d: int, L: int = 64) -> bool:
