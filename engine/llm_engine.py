@@ -386,8 +386,11 @@ class Engine:
         if n := self.runner.plan_prefill_attention(min(self.max_model_len, PLAN_PREFILL_TOKENS)):
             log.info("cuDNN prefill attention planned for prompts up to %d tokens in %.1f s", n, time.perf_counter() - t)
         t = time.perf_counter()
-        if self.device.type == "cuda" and warm_up_device(self.device, self.model.dtype, self.shape.head_dim):
-            log.info("the graph input's kernels compiled in %.1f s", time.perf_counter() - t)
+        try:
+            if self.device.type == "cuda" and warm_up_device(self.device, self.model.dtype, self.shape.head_dim):
+                log.info("the graph input's kernels compiled in %.1f s", time.perf_counter() - t)
+        except Exception:  # the prefills compile them, or take the torch path
+            log.exception("the graph input's warm-up failed")
 
     def _loop(self):
         try:

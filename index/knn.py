@@ -78,6 +78,8 @@ def _topk(q: torch.Tensor, k: torch.Tensor, L: int, chunk_elems: int) -> torch.T
                     out[b, s:s + rows] = ids
                     redo.append((b, s, bad))
                 continue
+            except torch.cuda.OutOfMemoryError:  # this prompt's, not the kernels': they stay on
+                raise
             except Exception as e:  # a kernel that does not build here (too little shared memory, say)
                 _fused_failed(e)
                 fused, redo = None, [r for r in redo if r[0] != b]

@@ -37,11 +37,11 @@ def requests(long_prompt, tag):
 def run_together(engine, reqs, monkeypatch, on_each=None, seqs=None):
     """Submit every request; decoding starts once all of them have prefilled (else the first would finish
     while the last prefill: how many share a step would depend on the machine's speed)."""
-    real_step, opened = engine._decode_step, []
+    real_step, opened, submitted = engine._decode_step, [], threading.Event()
 
     def step(batch):
         sched = engine.scheduler  # all are in, or none is left to come (one ended early: the test will say)
-        if opened or len(batch) == len(reqs) or not (sched.waiting or sched.prefilling):
+        if opened or len(batch) == len(reqs) or (submitted.is_set() and not (sched.waiting or sched.prefilling)):
             opened.append(True)
             real_step(batch)
 
@@ -62,6 +62,7 @@ def run_together(engine, reqs, monkeypatch, on_each=None, seqs=None):
         seq = engine.submit(r, cb)
         if seqs is not None:
             seqs[r.request_id] = seq
+    submitted.set()
     for _ in reqs:
         assert done.acquire(timeout=300)
     return outs, max(running)
