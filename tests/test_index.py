@@ -73,10 +73,10 @@ def test_exact_heads_of_a_graph_store_are_exact(data):
     np.testing.assert_allclose(o[1], w @ keys[want[1]] / w.sum(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("n", [5000, 20000, 20077, 20480])  # 20480: no partial block
+@pytest.mark.parametrize("n", [5000, 20000, 20077])
 def test_top_columns_by_block_maxima_equal_topk(n):
     """The graph input's top-L by way of the L blocks with the largest maxima equals torch.topk's, for rows
-    whose best keys sit together in a few blocks as well as spread out, with and without a partial last block
+    whose best keys sit together in a few blocks as well as spread out, and with the best in a partial last block
     (n = 5000: few blocks, a plain topk)."""
     from index.knn import top_columns
 
