@@ -10,7 +10,7 @@ from engine.sampling import SamplingParams
 from engine.sequence import Request
 
 SMALL = dict(sink=16, window=32, evict_block=8)
-TOKENS = 20  # past two evictions (evict_block 8); every request shares every step (run_together)
+TOKENS = 16  # past two evictions (evict_block 8); every request shares every step (run_together)
 # modes, retrieval sizes, static parts and sampling settings that differ within one batch
 MIXES = [
     (AttentionConfig(mode="retrieval", **SMALL), SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)),
@@ -30,7 +30,7 @@ MIXES = [
 def requests(long_prompt, tag):
     # prompts of different lengths, so sequences sit at different positions in every step; different lengths
     # of output, so the batch shrinks one request at a time
-    return [Request(long_prompt[: 150 + 60 * i], replace(sp, max_tokens=TOKENS + 2 * i), att, request_id=f"{tag}-{i}")
+    return [Request(long_prompt[: 100 + 30 * i], replace(sp, max_tokens=TOKENS + 2 * i), att, request_id=f"{tag}-{i}")
             for i, (att, sp) in enumerate(MIXES)]
 
 
@@ -110,7 +110,7 @@ def test_batched_greedy_and_seeded_outputs_equal_each_run_alone(engine, long_pro
 
 def test_a_disconnect_mid_batch_frees_that_request_at_once_and_changes_no_other(engine, long_prompt, alone,
                                                                                 monkeypatch):
-    reqs = requests(long_prompt, "drop")
+    reqs = requests(long_prompt, "drop")[:4]  # four of them: each prefill and decode costs seconds on 2 cores
     victim = reqs[0].request_id
     after = {}  # other requests' tokens since the abort: a second one comes from a later step
     freed = []
@@ -128,7 +128,7 @@ def test_a_disconnect_mid_batch_frees_that_request_at_once_and_changes_no_other(
     outs, _ = run_together(engine, reqs, monkeypatch, on_each, seqs)
     assert outs[victim][-1].finish_reason == "abort" and len(outs[victim]) <= 7
     assert freed and all(freed), "the KV of an aborted request outlived the next step"
-    for r, ref in zip(reqs[1:], alone[1:]):
+    for r, ref in zip(reqs[1:], alone[1:4]):
         assert [o.token for o in outs[r.request_id]] == ref
     assert no_device_rows_held(engine)
 
@@ -176,8 +176,7 @@ def test_a_batch_whose_pool_rows_are_out_of_order_decodes_each_sequence_as_alone
     assert [x.row for x in batch] == [1, 2, 0]
     tokens = []
     for p, a, b in zip(prompts, batch, alone):
-        la, _ = engine.runner.prefill(p, a)
-        engine.runner.prefill(p, b)
+        la, _ = engine.runner.prefill_many(p, [a, b])  # one forward pass into both
         tokens.append(int(la.argmax()))
     for step in range(12):  # past an eviction (evict_block 8)
         pos = [len(p) + step for p in prompts]

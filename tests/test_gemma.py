@@ -25,17 +25,23 @@ def prompt(gemma, n: int, seed: int = 0) -> list[int]:
     return torch.randint(1000, gemma.shape.vocab_size // 2, (n,), generator=g).tolist()
 
 
-def greedy(gemma, ids, att: AttentionConfig, steps: int):
-    kv = SequenceKV(gemma.shape, att, len(ids) + steps + 1, gemma.device, torch.float32, gemma.copy_scores,
-                    gemma.pools)
+def greedy(gemma, ids, atts: list[AttentionConfig], steps: int):
+    """One prefill forked into each configuration, each then decoded greedily -> [(logits (steps + 1, V),
+    stored keys per layer)] in the order of atts."""
+    kvs = [SequenceKV(gemma.shape, att, len(ids) + steps + 1, gemma.device, torch.float32, gemma.copy_scores,
+                      gemma.pools) for att in atts]
     try:
-        logits, _ = gemma.runner.prefill(ids, kv)
-        out = [logits]
-        for i in range(steps):
-            out.append(gemma.runner.decode(int(out[-1].argmax()), len(ids) + i, kv, att.top_k))
-        return torch.stack(out), [st.n for st in kv.stores or []]
+        logits, _ = gemma.runner.prefill_many(ids, kvs)
+        runs = []
+        for att, kv in zip(atts, kvs):
+            out = [logits]
+            for i in range(steps):
+                out.append(gemma.runner.decode(int(out[-1].argmax()), len(ids) + i, kv, att.top_k))
+            runs.append((torch.stack(out), [st.n for st in kv.stores or []]))
+        return runs
     finally:
-        kv.free()
+        for kv in kvs:
+            kv.free()
 
 
 def test_full_mode_is_transformers_gemma3(gemma, monkeypatch):
@@ -52,7 +58,7 @@ def test_full_mode_is_transformers_gemma3(gemma, monkeypatch):
     for n, steps, chunk in ((700, 5, kv_module.FULL_CHUNK), (500, 24, 8)):
         monkeypatch.setattr(kv_module, "FULL_CHUNK", chunk)
         ids = prompt(gemma, n)
-        ours, _ = greedy(gemma, ids, AttentionConfig(mode="full"), steps)
+        ((ours, _),) = greedy(gemma, ids, [AttentionConfig(mode="full")], steps)
         tokens = ours.argmax(-1).tolist()
         with torch.no_grad():
             ref = hf(torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1:].float()
@@ -74,8 +80,8 @@ def test_flat_with_every_key_equals_full_and_only_global_layers_offload(gemma):
     """A 2K-token prompt and a window eviction while decoding: `flat` over every offloaded key gives `full`'s
     logits; the sliding-window layers attend from the device ring alone and their stores stay empty."""
     ids = prompt(gemma, 2048, seed=1)
-    full, _ = greedy(gemma, ids, AttentionConfig(mode="full"), 12)
-    flat, n = greedy(gemma, ids, AttentionConfig(mode="flat", top_k=10**9, sink=16, evict_block=8), 12)
+    (full, _), (flat, n) = greedy(gemma, ids, [AttentionConfig(mode="full"),
+                                               AttentionConfig(mode="flat", top_k=10**9, sink=16, evict_block=8)], 12)
     assert flat.argmax(-1).tolist() == full.argmax(-1).tolist()
     assert float((flat - full).norm() / full.norm()) < 1e-4
     assert all(n[l] == 0 for l in gemma.shape.sliding_layers)
@@ -88,20 +94,20 @@ def test_a_sliding_window_layer_never_reads_outside_its_window(gemma):
     ids = prompt(gemma, 700, seed=2)
     att = AttentionConfig(mode="streaming")
 
-    def next_logits(layer: int | None):
-        kv = SequenceKV(gemma.shape, att, len(ids) + 2, gemma.device, torch.float32, pools=gemma.pools)
-        try:
-            logits, _ = gemma.runner.prefill(ids, kv)
+    layers = [None, gemma.shape.sliding_layers[0], gemma.shape.global_layers[0]]
+    kvs = [SequenceKV(gemma.shape, att, len(ids) + 2, gemma.device, torch.float32, pools=gemma.pools) for _ in layers]
+    try:
+        logits, _ = gemma.runner.prefill_many(ids, kvs)  # one prefill, three copies of its K/V
+        for layer, kv in zip(layers, kvs):
             if layer is not None:
                 kv.k[layer, :, 0] += 5.0
                 kv.v[layer, :, 0] += 5.0
-            return gemma.runner.decode(int(logits.argmax()), len(ids), kv, att.top_k)
-        finally:
+        base, sliding, global_ = (gemma.runner.decode(int(logits.argmax()), len(ids), kv, att.top_k) for kv in kvs)
+    finally:
+        for kv in kvs:
             kv.free()
-
-    base = next_logits(None)
-    assert torch.equal(next_logits(gemma.shape.sliding_layers[0]), base)
-    assert not torch.allclose(next_logits(gemma.shape.global_layers[0]), base, atol=1e-3)
+    assert torch.equal(sliding, base)
+    assert not torch.allclose(global_, base, atol=1e-3)
 
 
 def test_a_window_smaller_than_the_sliding_window_is_refused_unless_the_request_fits_it(gemma):
@@ -138,7 +144,7 @@ def test_the_base_model_completes_text_and_refuses_chat(gemma):
         gemma.encode_chat([{"role": "user", "content": "hi"}])
 
 
-@pytest.mark.parametrize("seed", range(2))  # 4/4 solved by both on seeds 0-3; two keep the suite short
+@pytest.mark.parametrize("seed", range(1))  # 4/4 solved by both on seeds 0-3; one keeps the suite short
 def test_retrieval_finds_the_passkey_when_full_does(gemma, seed):
     """~3.5K tokens, completion-style (a base model): one prefill for both, each decoded greedily."""
     from bench.accuracy import Run, run_sample
