@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from engine.attention import MODES, TRITON_FULL_OFF, AttentionConfig  # noqa: E402
+from engine.attention import MODES, AttentionConfig  # noqa: E402
 from engine.kv import SequenceKV  # noqa: E402
 from engine.llm_engine import Engine, EngineConfig  # noqa: E402
 
@@ -215,9 +215,6 @@ def run_mode(engine: Engine, ids: list[int], att: AttentionConfig, steps: int, p
             kv.free()
 
 
-FULL_KERNELS = {"triton": ["triton"], "sdpa": ["sdpa"], "both": ["triton", "sdpa"]}
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -254,8 +251,6 @@ def main(argv=None):
                     help="CUDA: torch.compile's fused kernels (the engine's default) or eager ops")
     ap.add_argument("--profile-prefill", action="store_true",
                     help="CUDA: each mode's prefill under torch.profiler: device busy time and the costliest ops")
-    ap.add_argument("--full-kernel", choices=("triton", "sdpa", "both"), default="triton",
-                    help="`full` decode attention on CUDA: engine.attention_cuda's kernels or SDPA's flash (A/B)")
     ap.add_argument("--out", default="bench/results/decode_speed.json")
     a = ap.parse_args(argv)
 
@@ -306,14 +301,9 @@ def main(argv=None):
             for ct in [float(x) for x in a.copy_thresholds.split(",")] if retrieval else [0.1]:
                 for graph in variants if retrieval else [{}]:
                     att = base.override(mode=mode, top_k=a.top_k, copy_threshold=ct, **graph)
-                    for graphs, kernel in [(g, k) for g in {"on": [True], "off": [False], "both": [True, False]}[a.cuda_graphs]
-                                           for k in (FULL_KERNELS[a.full_kernel] if mode == "full" else [None])]:
-                        if kernel is not None:
-                            TRITON_FULL_OFF[:] = [] if kernel == "triton" else ["bench: --full-kernel sdpa"]
+                    for graphs in {"on": [True], "off": [False], "both": [True, False]}[a.cuda_graphs]:
                         r = run_mode(engine, ids, att, a.steps, a.profile_steps, graphs, a.profile_lookups,
                                      a.profile_prefill)
-                        if kernel is not None:  # a failed Triton build falls back to SDPA: say which ran
-                            r["full_kernel"] = "triton" if not TRITON_FULL_OFF else f"sdpa ({TRITON_FULL_OFF[0]})"
                         if retrieval:
                             r["graph"] = {"ef": att.index.ef, "degree": att.index.degree, "knn": att.index.knn,
                                           "queries_per_head": att.graph_queries(len(ids))}

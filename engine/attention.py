@@ -6,15 +6,11 @@ log-sum-exp. A mode is only a choice of placement and retriever.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 
 from index import IndexParams
-
-log = logging.getLogger("rattn.attention")
 
 MODES = ("full", "streaming", "flat", "hnsw", "retrieval")
 _STORE_KIND = {"flat": "flat", "hnsw": "hnsw", "retrieval": "graph"}
@@ -89,26 +85,3 @@ def merge_partial_attention(o1, m1, s1, o2, m2, s2) -> torch.Tensor:
     w1 = torch.exp(m1 - m) * s1
     w2 = torch.exp(m2 - m) * s2
     return (w1[..., None] * o1 + w2[..., None] * o2) / (w1 + w2).clamp_min(torch.finfo(torch.float32).tiny)[..., None]
-
-
-TRITON_FULL_OFF: list = []  # why `full_decode` runs SDPA on CUDA in this process (no Triton, a failed build, a bench's A/B)
-
-
-def full_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scale: float) -> torch.Tensor:
-    """`full` mode's decode attention: q (H, d) over keys/values [0, n) of k, v (G, capacity, d) -> (H, d).
-    On CUDA with 16-bit K/V, engine.attention_cuda's split-K kernels (faster than SDPA's flash kernel at
-    128K: bench/attention_kernels.py); else SDPA, the query heads of a KV group as that group's "sequence"
-    (one position, no mask), so that its fused kernels read each K/V once."""
-    if q.is_cuda and not TRITON_FULL_OFF:
-        try:
-            from . import attention_cuda
-            if attention_cuda.supported(q, k):
-                return attention_cuda.full_attention(q, k, v, n, scale)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as e:  # no Triton, or a kernel that does not build here (shared memory at d = 256)
-            log.warning("the Triton decode attention is off (%s: %s): SDPA runs `full`", type(e).__name__, e)
-            TRITON_FULL_OFF.append(e)
-    G, d = k.shape[0], q.shape[-1]
-    o = F.scaled_dot_product_attention(q.view(1, G, -1, d), k[None, :, :n], v[None, :, :n], scale=scale)
-    return o.reshape(-1, d)  # SDPA's memory-efficient kernel (float32) returns another layout

@@ -17,10 +17,11 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from index import MIN_CAPACITY, NO_DESC, NO_PART, OffloadedStore, graph_knn_later, pack, request_row, row_format, store_format
 
-from .attention import AttentionConfig, full_decode
+from .attention import AttentionConfig
 from .doc_cache import DocEntry
 from .model import ModelShape
 
@@ -493,9 +494,14 @@ class SequenceKV:
         self.v[l][:, slot] = v
 
     def attend_full(self, l: int, q: torch.Tensor) -> torch.Tensor:
-        """`full` mode: q (H, d) over every token so far -> (H, d)."""
+        """`full` mode: q (H, d) over every token so far -> (H, d). The query heads of a KV group go in as
+        that group's "sequence" (one position, no mask), so SDPA's fused kernels read each K/V once."""
         # a sliding-window layer's ring holds its last keys (their order does not matter to attention)
-        return full_decode(q, self.k[l], self.v[l], min(self.written, self.k[l].shape[1]), self.scale)
+        n = min(self.written, self.k[l].shape[1])
+        G, d = self.k[l].shape[0], q.shape[-1]
+        o = F.scaled_dot_product_attention(q.view(1, G, -1, d), self.k[l][None, :, :n], self.v[l][None, :, :n],
+                                           scale=self.scale)
+        return o.reshape(-1, d)  # SDPA's memory-efficient kernel (float32) returns another layout
 
     def lookup(self, l: int, q: np.ndarray, top_k: int, out_o: np.ndarray, out_m: np.ndarray, out_s: np.ndarray):
         """Layer l's CPU part for q (H, d) float32 on the host, once keys are offloaded: top-k offloaded keys
