@@ -1,9 +1,34 @@
-import pytest
-import torch
+import os
 
-from engine.llm_engine import Engine, EngineConfig
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from engine.llm_engine import Engine, EngineConfig  # noqa: E402
 
 torch.manual_seed(0)
+
+# The modules with the most work first, so that the two workers of `make test` (one module at a time each)
+# do not end with one of them alone on a long one; the rest keep their order.
+HEAVY = ["test_engine_modes", "test_doc_cache", "test_gemma", "test_batching", "test_fuzz", "test_server",
+         "test_reliability", "test_operations", "test_passkey", "test_accuracy_small", "test_admission",
+         "test_lifecycle", "test_reference", "test_load_bench", "test_compile", "test_sampling", "test_packaging"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVY)}
+    items.sort(key=lambda it: rank.get(it.nodeid.split("::")[0].rpartition("/")[2].removesuffix(".py"), len(HEAVY)))
+
+
+def pytest_configure(config):
+    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        # the workers would otherwise compile numba's kernels at the same time into one on-disk cache (its
+        # index files are not written under a lock): compile them once here, before they start
+        from index import warm_up
+
+        warm_up()
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ def test_requests_compile_nothing_after_the_warm_up(monkeypatch):
         assert compiled > 0
         pools = StaticPools(model.shape, torch.device("cpu"))
         g = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (700, 300, 1100, 400)]
+        prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (600, 150, 300, 200)]
         modes = ["streaming", "retrieval", "full", "full"]
         kvs = [SequenceKV(model.shape, AttentionConfig(mode=m, sink=16, window=64), len(p) + 8, torch.device("cpu"),
                           torch.float32, pools=pools) for p, m in zip(prompts, modes)]

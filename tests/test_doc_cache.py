@@ -76,11 +76,20 @@ def tokens(outs):
     return [o.token for o in outs if o.token is not None]
 
 
+@pytest.fixture(scope="module")
+def uncached(engine, long_prompt):
+    """The greedy tokens of document + second question without the cache, in `full` (the session's engine):
+    the reference of both modes below (`flat` over every key gives `full`'s tokens: test_engine_modes)."""
+    assert engine.doc_cache is None
+    doc, q2 = long_prompt[:1100], long_prompt[200:800]
+    return tokens(engine.generate(Request(doc + q2, GREEDY, AttentionConfig(mode="full"))))
+
+
 @pytest.mark.parametrize("att", [AttentionConfig(mode="flat", top_k=10**6), AttentionConfig(mode="full")],
                          ids=["flat-all", "full"])
-def test_a_cached_document_answers_as_the_same_prompt_uncached(cached_engine, engine, long_prompt, att):
+def test_a_cached_document_answers_as_the_same_prompt_uncached(cached_engine, uncached, long_prompt, att):
     """A new question on a cached document: the document's tokens are not prefilled again, and the greedy
-    tokens are those of the same prompt in an engine without the cache (the session's). The second question
+    tokens are those of the same prompt in an engine without the cache (`uncached`). The second question
     is longer than the window, so the request's own store holds keys too (some copied from the entry's
     window, the rest prefilled), searched beside the entry's."""
     doc, q1, q2 = long_prompt[:1100], long_prompt[-40:], long_prompt[200:800]  # two endings of one document
@@ -102,8 +111,7 @@ def test_a_cached_document_answers_as_the_same_prompt_uncached(cached_engine, en
     assert second[-1].num_cached_tokens == len(doc) // BLOCK * BLOCK
     if att.mode == "flat":
         assert parts[0][0] > 0 and parts[0][1] > 0  # keys in both parts
-    assert engine.doc_cache is None
-    assert tokens(second) == tokens(engine.generate(Request(doc + q2, GREEDY, att)))
+    assert tokens(second) == uncached
     assert not any(e.refs for e in cached_engine.doc_cache._entries)  # both requests let go of it
 
 

@@ -1,4 +1,4 @@
-"""A request's stores and indexes die with it: 13 requests in a row leave memory flat."""
+"""A request's stores and indexes die with it: 10 requests in a row leave memory flat."""
 import gc
 import resource
 import threading
@@ -32,15 +32,15 @@ def test_requests_in_a_row_leave_memory_flat(engine, long_prompt):
         engine.submit(Request(ids, SamplingParams(max_tokens=10, temperature=0), att), on)
         assert done.wait(120)
 
-    for _ in range(3):
+    for _ in range(2):
         run()
     gc.collect()
     base = rss_mb()
-    for _ in range(10):
+    for _ in range(8):
         run()
     gc.collect()
     grown = rss_mb() - base
-    assert len(live) == 13 and all(b > 0 for _, _, b in live)  # each request really had a CPU store
+    assert len(live) == 10 and all(b > 0 for _, _, b in live)  # each request really had a CPU store
     assert engine.cpu_kv_bytes() == 0
     assert all(ref() is None for _, ref, _ in live), "a request's SequenceKV outlived it"
-    assert grown < 15, f"resident memory grew {grown:.1f} MB over 10 requests"
+    assert grown < 15, f"resident memory grew {grown:.1f} MB over 8 requests"

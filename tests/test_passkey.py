@@ -6,7 +6,7 @@ from bench.tasks import passkey
 from engine.attention import AttentionConfig
 
 
-@pytest.mark.parametrize("seed", range(2))  # 4/4 solved by both on seeds 0-3; two keep the suite short
+@pytest.mark.parametrize("seed", range(1))  # 4/4 solved by both on seeds 0-3; one keeps the suite short
 def test_retrieval_finds_the_passkey_when_full_does(engine, seed):
     s = passkey(engine.tokenizer, 3500, seed)
     ids = engine.encode_chat(s.messages)
