@@ -28,7 +28,7 @@ serve: install
 	$(BIN)/rattn serve --host $(HOST) --port $(PORT) $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=12 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=12 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

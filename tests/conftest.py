@@ -1,6 +1,7 @@
 import os
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one torch thread each
+    # (numba's kernels keep their threads: with one, their parallel loops would run untested)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
@@ -10,8 +11,8 @@ from engine.llm_engine import Engine, EngineConfig  # noqa: E402
 
 torch.manual_seed(0)
 
-# The modules with the most work first, so that the two workers of `make test` (one module at a time each)
-# do not end with one of them alone on a long one; the rest keep their order.
+# The modules with the most work first (the Makefile turns xdist's own reordering, by test count, off), so
+# that the two workers of `make test` do not end with one of them alone on a long one; the rest keep their order.
 HEAVY = ["test_engine_modes", "test_doc_cache", "test_gemma", "test_batching", "test_fuzz", "test_server",
          "test_reliability", "test_operations", "test_passkey", "test_accuracy_small", "test_admission",
          "test_lifecycle", "test_reference", "test_load_bench", "test_compile", "test_sampling", "test_packaging"]

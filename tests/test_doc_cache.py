@@ -79,7 +79,8 @@ def tokens(outs):
 @pytest.fixture(scope="module")
 def uncached(engine, long_prompt):
     """The greedy tokens of document + second question without the cache, in `full` (the session's engine):
-    the reference of both modes below (`flat` over every key gives `full`'s tokens: test_engine_modes)."""
+    the reference of both modes below. For `flat` over every key that rests on flat giving full's tokens
+    (test_engine_modes checks it on another prompt); a mismatch there fails this test without a cache fault."""
     assert engine.doc_cache is None
     doc, q2 = long_prompt[:1100], long_prompt[200:800]
     return tokens(engine.generate(Request(doc + q2, GREEDY, AttentionConfig(mode="full"))))
