@@ -13,7 +13,7 @@ LENGTH = 2048
 def test_flat_all_equals_full_and_retrieval_answers_what_full_answers(engine, task):
     runs = [r for r in configs(100, [], exact=True) if r.name in ("full", "flat@all", "retrieval")]
     solved = 0
-    for seed in range(1):  # a second seed doubles the test's time (tests/test_passkey.py: another)
+    for seed in range(1):  # one sample: a second doubles the test's time
         sample = TASKS[task](engine.tokenizer, LENGTH, seed=seed)
         ids = engine.encode_chat(sample.messages)
         assert len(ids) > 128 + 512 + 600  # a real share of the prompt is offloaded

@@ -10,7 +10,7 @@ from engine.sampling import SamplingParams
 from engine.sequence import Request
 
 SMALL = dict(sink=16, window=32, evict_block=8)
-TOKENS = 17  # past two evictions (evict_block 8); every request shares every step (run_together)
+TOKENS = 18  # past two evictions (evict_block 8); every request shares every step (run_together)
 # modes, retrieval sizes, static parts and sampling settings that differ within one batch
 MIXES = [
     (AttentionConfig(mode="retrieval", **SMALL), SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)),

@@ -33,7 +33,7 @@ def fork(engine, long_prompt):
 def decode(engine, long_prompt, fork, name: str, steps: int):
     """Greedy decoding of a forked configuration -> (tokens, logits: the prefill's and each step's, stats)."""
     logits, kvs = fork
-    kv, stats = kvs[name]
+    kv, stats = kvs.pop(name)  # decoded once: a second decode of it would start from a moved position
     tokens, out = [], [logits]
     for i in range(steps):
         tokens.append(int(torch.argmax(logits)))

@@ -227,7 +227,7 @@ def test_api_key_and_full_queue():
 
         def long(i):
             try:
-                good.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=30, temperature=0,
+                good.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=60, temperature=0,
                                              extra_body={"ignore_eos": True})
                 results[i] = 200
             except openai.RateLimitError as err:
