@@ -149,21 +149,25 @@ def _from_state_dict(cfg, sd: dict, device: str, dtype: torch.dtype) -> Transfor
     def t(name):
         return sd[name].to(device=device, dtype=dtype) if name in sd else None
 
+    def cat(*names):  # fused on the host: the device never holds the parts beside the whole
+        parts = [sd[n] for n in names if n in sd]
+        return torch.cat(parts).to(device=device, dtype=dtype) if parts else None
+
     def norm(name):  # Gemma's norms multiply by 1 + w (added in float32, as transformers does)
         return (sd[name].float() + 1.0).to(device=device, dtype=dtype) if gemma else t(name)
 
     layers = []
     for i in range(shape.n_layers):
         p = f"model.layers.{i}."
+        a, m = p + "self_attn.", p + "mlp."
         layers.append(LayerWeights(
-            attn_norm=norm(p + "input_layernorm.weight"), wq=t(p + "self_attn.q_proj.weight"),
-            wk=t(p + "self_attn.k_proj.weight"), wv=t(p + "self_attn.v_proj.weight"),
-            wo=t(p + "self_attn.o_proj.weight"), bq=t(p + "self_attn.q_proj.bias"),
-            bk=t(p + "self_attn.k_proj.bias"), bv=t(p + "self_attn.v_proj.bias"),
+            attn_norm=norm(p + "input_layernorm.weight"),
+            w_qkv=cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"), wo=t(a + "o_proj.weight"),
+            b_qkv=cat(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"),
             # Llama's post_attention_layernorm is the MLP's input norm; Gemma's is on the attention output
             mlp_norm=norm(p + ("pre_feedforward_layernorm.weight" if gemma else "post_attention_layernorm.weight")),
-            w_gate=t(p + "mlp.gate_proj.weight"), w_up=t(p + "mlp.up_proj.weight"), w_down=t(p + "mlp.down_proj.weight"),
-            **({"q_norm": norm(p + "self_attn.q_norm.weight"), "k_norm": norm(p + "self_attn.k_norm.weight"),
+            w_gate_up=cat(m + "gate_proj.weight", m + "up_proj.weight"), w_down=t(m + "down_proj.weight"),
+            **({"q_norm": norm(a + "q_norm.weight"), "k_norm": norm(a + "k_norm.weight"),
                 "attn_out_norm": norm(p + "post_attention_layernorm.weight"),
                 "mlp_out_norm": norm(p + "post_feedforward_layernorm.weight")} if gemma else {})))
     embed = t("model.embed_tokens.weight")
@@ -183,13 +187,11 @@ def _random_model(cfg, device: str, dtype: torch.dtype, seed: int) -> Transforme
     def ones(n):
         return torch.ones(n, device=device, dtype=dtype)
 
-    def bias(n):
-        return w(n) if shape.attention_bias else None
-
     gemma = cfg.model_type in GEMMA
-    layers = [LayerWeights(attn_norm=ones(D), wq=w(H * d, D), wk=w(G * d, D), wv=w(G * d, D), wo=w(D, H * d),
-                           bq=bias(H * d), bk=bias(G * d), bv=bias(G * d), mlp_norm=ones(D),
-                           w_gate=w(I, D), w_up=w(I, D), w_down=w(D, I),
+    qkv = (H + 2 * G) * d
+    layers = [LayerWeights(attn_norm=ones(D), w_qkv=w(qkv, D), wo=w(D, H * d),
+                           b_qkv=w(qkv) if shape.attention_bias else None, mlp_norm=ones(D),
+                           w_gate_up=w(2 * I, D), w_down=w(D, I),
                            **({"q_norm": ones(d), "k_norm": ones(d), "attn_out_norm": ones(D),
                                "mlp_out_norm": ones(D)} if gemma else {}))
               for _ in range(shape.n_layers)]

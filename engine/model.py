@@ -72,17 +72,15 @@ class ModelShape:
 
 @dataclass
 class LayerWeights:
+    """q/k/v and gate/up are each one fused weight (rows stacked in that order): a decode step reads them in
+    one matrix-vector product each, not five narrower ones (small products run far below the memory's
+    pace)."""
     attn_norm: torch.Tensor
-    wq: torch.Tensor
-    wk: torch.Tensor
-    wv: torch.Tensor
+    w_qkv: torch.Tensor              # (H * d + 2 * G * d, D)
     wo: torch.Tensor
-    bq: torch.Tensor | None
-    bk: torch.Tensor | None
-    bv: torch.Tensor | None
+    b_qkv: torch.Tensor | None
     mlp_norm: torch.Tensor
-    w_gate: torch.Tensor
-    w_up: torch.Tensor
+    w_gate_up: torch.Tensor          # (2 * I, D)
     w_down: torch.Tensor
     q_norm: torch.Tensor | None = None      # Gemma 3: per head, before RoPE
     k_norm: torch.Tensor | None = None
@@ -100,25 +98,24 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _qkv(x, attn_norm, wq, wk, wv, bq, bk, bv, q_norm, k_norm, cos, sin, eps: float, H: int, G: int, d: int):
+def _qkv(x, attn_norm, w_qkv, b_qkv, q_norm, k_norm, cos, sin, eps: float, H: int, G: int, d: int):
     """A layer's roped q (T, H, d), k and v (T, G, d) from h (T, D) (module level and on tensors alone:
     torch.compile then makes one set of kernels for every layer)."""
     x = rms_norm(x, attn_norm, eps)
-    q = F.linear(x, wq, bq).view(-1, H, d)
-    k = F.linear(x, wk, bk).view(-1, G, d)
-    v = F.linear(x, wv, bv).view(-1, G, d)
+    q, k, v = F.linear(x, w_qkv, b_qkv).split([H * d, G * d, G * d], dim=-1)
+    q, k, v = q.reshape(-1, H, d), k.reshape(-1, G, d), v.reshape(-1, G, d).contiguous()  # v: not a strided view
     if q_norm is not None:
         q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
 
-def _finish(h, attn, wo, attn_out_norm, mlp_norm, w_gate, w_up, w_down, mlp_out_norm, eps: float, gelu: bool):
+def _finish(h, attn, wo, attn_out_norm, mlp_norm, w_gate_up, w_down, mlp_out_norm, eps: float, gelu: bool):
     """h (T, D) += the attention output attn (T, H * d) projected, then += the MLP's output, in place."""
     o = F.linear(attn, wo)
     h += o if attn_out_norm is None else rms_norm(o, attn_out_norm, eps)
     x = rms_norm(h, mlp_norm, eps)
-    g = F.linear(x, w_gate)
-    y = F.linear((F.gelu(g, approximate="tanh") if gelu else F.silu(g)) * F.linear(x, w_up), w_down)
+    g, u = F.linear(x, w_gate_up).chunk(2, dim=-1)
+    y = F.linear((F.gelu(g, approximate="tanh") if gelu else F.silu(g)) * u, w_down)
     h += y if mlp_out_norm is None else rms_norm(y, mlp_out_norm, eps)
 
 
@@ -181,7 +178,7 @@ class Transformer:
         """h (T, D) -> roped q (T, H, d), k (T, G, d), v (T, G, d); rope: `rope(positions)` of the T tokens."""
         s, w = self.shape, self.layers[l]
         cos, sin = rope[self.rope_of_layer[l]]
-        return self._qkv(h, w.attn_norm, w.wq, w.wk, w.wv, w.bq, w.bk, w.bv, w.q_norm, w.k_norm, cos, sin,
+        return self._qkv(h, w.attn_norm, w.w_qkv, w.b_qkv, w.q_norm, w.k_norm, cos, sin,
                          s.rms_norm_eps, s.n_heads, s.n_kv_heads, s.head_dim)
 
     def finish_layer(self, l: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -190,7 +187,7 @@ class Transformer:
         for a in range(0, h.shape[0], self.chunk):
             b = a + self.chunk
             self._finish(h[a:b], attn[a:b].reshape(-1, s.n_heads * s.head_dim), w.wo, w.attn_out_norm, w.mlp_norm,
-                         w.w_gate, w.w_up, w.w_down, w.mlp_out_norm, s.rms_norm_eps, self.gelu)
+                         w.w_gate_up, w.w_down, w.mlp_out_norm, s.rms_norm_eps, self.gelu)
         return h
 
     def logits(self, h_last: torch.Tensor) -> torch.Tensor:

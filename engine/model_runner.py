@@ -486,9 +486,10 @@ class ModelRunner:
         io.stage(Rc, slice(0, B), tokens, positions)
 
         def attend(l: int):  # padding rows keep a stale output: their results are dropped
+            q, k, v = io.qkv[Rc][l]
             for b, kv in enumerate(kvs):
-                kv.write(l, slots[b], io.k[b], io.v[b])
-                io.o[b] = kv.attend_full(l, io.q[b])
+                kv.write(l, slots[b], k[b], v[b])
+                io.o[b] = kv.attend_full(l, q[b])
             if capture is not None:
                 capture(l, io.o[:B].clone())  # io.o is every layer's
 
@@ -506,12 +507,14 @@ class ModelRunner:
 
     def _full_step(self, io: "_RowIO", Rc: int):
         """The device work of a `full` step over io rows [0, Rc), as a generator that yields ("attend", l)
-        once layer l's q/k/v are in io.q/k/v; the host then fills io.o (`_decode_full`)."""
+        once layer l's q/k/v are io.qkv[Rc][l]; the host then fills io.o (`_decode_full`). Captured, those
+        are the graph's own outputs, rewritten in place by each replay (copies into fixed buffers would add
+        96 kernels to an 8B step)."""
         m = self.model
         h = m.embed_tokens(io.ints[0, :Rc])
         rope = m.rope(io.ints[1, :Rc])
         for l in range(m.shape.n_layers):
-            io.q[:Rc], io.k[:Rc], io.v[:Rc] = m.qkv(l, h, rope)
+            io.qkv.setdefault(Rc, {})[l] = m.qkv(l, h, rope)
             yield "attend", l
             m.finish_layer(l, h, io.o[:Rc])
         io.logits[:Rc] = m.logits(h)
@@ -866,11 +869,9 @@ class _RowIO:
     def __init__(self, size: int, model: Transformer, device: torch.device):
         pin, shape = device.type == "cuda", model.shape
         self.size = size
-        # `full` steps: each layer's q/k/v out of the device work, its attention output back in
-        self.q = torch.empty(size, shape.n_heads, shape.head_dim, dtype=model.dtype, device=device)
-        self.k = torch.empty(size, shape.n_kv_heads, shape.head_dim, dtype=model.dtype, device=device)
-        self.v = torch.empty_like(self.k)
-        self.o = torch.zeros_like(self.q)
+        # `full` steps: per row count and layer, the q/k/v out of the device work; the attention output back in
+        self.qkv: dict[int, dict[int, tuple]] = {}
+        self.o = torch.zeros(size, shape.n_heads, shape.head_dim, dtype=model.dtype, device=device)
         self.ints_host = torch.zeros(3, size, dtype=torch.long, pin_memory=pin)
         self.ints = torch.zeros(3, size, dtype=torch.long, device=device)
         self.arange = torch.arange(size, device=device)
