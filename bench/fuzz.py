@@ -88,9 +88,15 @@ def main(argv=None) -> int:
         run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         took = time.time() - t0
         health = httpx.get(base + "/health", timeout=10).status_code
-        chat = httpx.post(base + "/v1/chat/completions", timeout=60, json={
-            "model": MODEL, "messages": [{"role": "user", "content": "Name three colors."}], "max_tokens": 8})
-        serving = chat.status_code == 200 and bool(chat.json()["choices"][0]["message"]["content"])
+        for _ in range(5):  # the server's 0.5 s request timeout can end a request before its first token
+            # on a loaded machine; greedy: a sampled first token can end the turn, an empty answer as well
+            chat = httpx.post(base + "/v1/chat/completions", timeout=60, json={
+                "model": MODEL, "messages": [{"role": "user", "content": "Name three colors."}], "max_tokens": 8,
+                "temperature": 0})
+            answer = chat.json()["choices"][0]["message"]["content"] if chat.status_code == 200 else chat.text[:500]
+            serving = chat.status_code == 200 and bool(answer)
+            if serving or chat.status_code != 200:
+                break
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(60)
@@ -108,7 +114,7 @@ def main(argv=None) -> int:
         **rep,
         "server_logged_statuses": server_statuses(log),
         "server_tracebacks": log.count("Traceback"),
-        "alive_after": {"health": health, "chat_ok": serving},
+        "alive_after": {"health": health, "chat_ok": serving, "chat_status": chat.status_code, "answer": answer},
         "server_exit_code": rc,
         "targets": {"no_5xx": not fives and not server_fives and not rep["failed_checks"],
                     "alive_and_serving": health == 200 and serving},

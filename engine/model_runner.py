@@ -502,6 +502,7 @@ class ModelRunner:
             else:
                 for _, l in self._full_step(io, Rc):
                     attend(l)
+                io.qkv.pop(Rc)  # an eager step's are its own: kept, every batch size seen would hold its layers'
         io.step_done()
         return io.logits[:B].clone()  # the buffer is the next step's
 
@@ -863,8 +864,8 @@ class _StepLookups:
 
 class _RowIO:
     """A row step's inputs and outputs for up to `size` rows: tokens, positions and slots (host staging,
-    pinned on CUDA, and device), the lookups' buffers, a `full` step's q/k/v/o and the logits. Fixed
-    addresses: graphs read them."""
+    pinned on CUDA, and device), the lookups' buffers, a `full` step's attention output and the logits.
+    Fixed addresses: graphs read them. A `full` step's q/k/v are the tensors its graphs produce (`qkv`)."""
 
     def __init__(self, size: int, model: Transformer, device: torch.device):
         pin, shape = device.type == "cuda", model.shape

@@ -18,17 +18,20 @@ __all__ = ["KINDS", "MIN_CAPACITY", "NO_DESC", "NO_PART", "BatchScratch", "Index
            "graph_knn_later", "warm_up", "warm_up_device", "write_rows"]
 
 
-def warm_up():
-    """Run every kernel once on a tiny random store of each kind, so that numba compiles them (~20 s on
-    2 cores the first time; its on-disk cache is per source path) or loads them from its cache now,
-    not inside the first request or a timed build."""
+def warm_up(part: int = 0, parts: int = 1):
+    """Run every kernel once on a tiny random store of each kind and dtype, so that numba compiles them
+    (~150 s on 2 cores the first time; its on-disk cache is per source path) or loads them from its cache
+    now, not inside the first request or a timed build. `part` of `parts`: only every parts-th (kind,
+    dtype), so that processes can share the compiling (the cache's writes are locked: index/kernels.py)."""
     rng = np.random.default_rng(0)
     G, H, n, d, k = 1, 2, 256, 8, 8
     keys = rng.standard_normal((G, n, d), dtype=np.float32)
     q = rng.standard_normal((H, d), dtype=np.float32)
     o, m, s = np.empty((H, d), np.float32), np.empty(H, np.float32), np.empty(H, np.float32)
-    for kind, dtype in [(kind, dtype) for kind in KINDS for dtype in STORE_DTYPES if kind != "hnsw" or
-                        dtype == "float32"]:
+    combos = [(kind, dtype) for kind in KINDS for dtype in STORE_DTYPES if kind != "hnsw" or dtype == "float32"]
+    # flat and graph in float32 and bf16, then int8, then hnsw: every other one is about half of the compiling
+    combos.sort(key=lambda c: (c[0] == "hnsw", c[1] == "int8"))
+    for kind, dtype in combos[part::parts]:
         store = OffloadedStore(kind, G, H, d, IndexParams(dtype=dtype), capacity=2 * n,
                                exact_heads=np.array([True, False]))
         store.load(keys, keys, graph_knn(q[None], keys, 16, "query") if kind == "graph" else None)

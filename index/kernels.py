@@ -6,10 +6,44 @@ KV head (A = G) and one per query head (A = H) share the same code. All of them 
 and parallelise over heads, so one call serves one layer. Scratch arrays come from the caller:
 nothing is allocated per decode step.
 """
+import os
+
 import numpy as np
 from numba import carray, get_thread_id, njit, prange, types
 from llvmlite import ir
+from numba.core.caching import IndexDataCacheFile
 from numba.extending import intrinsic, overload
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: numba's own unlocked writes
+    fcntl = None
+
+
+def _save_under_lock(save):
+    """numba adds a compiled signature to a function's on-disk cache by reading its index, taking the first
+    free data file name and writing both back, with no lock. Two processes that compile two signatures of
+    one function at once (servers started together, the test workers, a parallel warm-up) can then take
+    the same data file, and one signature would load the other's code. A lock file per index serialises
+    those writes; compiling still runs in parallel."""
+
+    def locked(self, key, data):
+        try:  # read-only: flock needs no write access, so another user's lock file does too
+            fd = os.open(self._index_path + ".lock", os.O_RDONLY | os.O_CREAT, 0o666)
+        except OSError:  # a cache directory we cannot create files in: numba's own behaviour
+            return save(self, key, data)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            save(self, key, data)
+        finally:
+            os.close(fd)
+
+    locked.unlocked = save
+    return locked
+
+
+if fcntl is not None and not hasattr(IndexDataCacheFile.save, "unlocked"):  # once, even if re-imported
+    IndexDataCacheFile.save = _save_under_lock(IndexDataCacheFile.save)
 
 NEG_INF = np.float32(-np.inf)
 STAMP_MAX = 2**31 - 2

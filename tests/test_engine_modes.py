@@ -104,9 +104,9 @@ def test_prefill_through_host_chunks_equals_prefill_on_device(engine, long_promp
     same logits and stores as hidden states kept whole. And the benchmarks' local prefill attention
     changes nothing when its window reaches back past the prompt's start, and changes the result when not."""
     runner, att = engine.runner, AttentionConfig(mode="flat", sink=16, window=64)
-    chunk, ids = runner.chunk, long_prompt[:500]
+    chunk, ids = runner.chunk, long_prompt[:300]
 
-    def prefill(host: bool, window: int = 0, size: int = 128):
+    def prefill(host: bool, window: int = 0, size: int = 64):  # 5 chunks: the ring holds 3
         kv = SequenceKV(engine.shape, att, len(ids) + 1, engine.device, engine.model.dtype)
         runner.chunk, runner.prefill_window = size, window
         runner.hidden_device_bytes = 0 if host else float("inf")
