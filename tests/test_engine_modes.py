@@ -20,7 +20,7 @@ FORK = {"full": AttentionConfig(mode="full"), "streaming": AttentionConfig(mode=
 @pytest.fixture(scope="module")
 def fork(engine, long_prompt):
     """The long prompt prefilled once into every configuration below (the benchmarks' fork: one forward
-    pass, each configuration's own placement; a 1,600-token prefill is most of a test's time on 2 cores).
+    pass, each configuration's own placement; a 1,250-token prefill is most of a test's time on 2 cores).
     -> (logits, {name: (SequenceKV, PrefillStats)}); each is decoded by one test only."""
     kvs = {name: SequenceKV(engine.shape, att, len(long_prompt) + PAST, engine.device, engine.model.dtype,
                             engine.copy_scores if name == "occ" else None) for name, att in FORK.items()}
