@@ -282,6 +282,7 @@ def main(argv=None):
            "device": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else platform.processor() or "cpu",
            "gpu_mem_cap_gb": a.gpu_mem_gb}
     report = {"bench": "decode_speed", "model": a.model, "load_format": a.load_format, "dtype": engine.config.dtype,
+              "synthetic": "random weights and random prompt tokens" if engine.tokenizer is None else False,
               "contexts": contexts, "steps": a.steps, "load_s": round(load_s, 2), "compile": a.compile, "env": env,
               "prefill_attention": a.prefill_attention if a.prefill_attention == "full" else
               f"local ({a.local_window} keys back; benchmark-only)", "admission": admitted,
