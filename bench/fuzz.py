@@ -88,14 +88,16 @@ def main(argv=None) -> int:
         run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         took = time.time() - t0
         health = httpx.get(base + "/health", timeout=10).status_code
-        for _ in range(5):  # the server's 0.5 s request timeout can end a request before its first token
-            # on a loaded machine; greedy: a sampled first token can end the turn, an empty answer as well
+        for attempts in range(1, 6):  # greedy: a sampled first token can end the turn, an empty answer
             chat = httpx.post(base + "/v1/chat/completions", timeout=60, json={
                 "model": MODEL, "messages": [{"role": "user", "content": "Name three colors."}], "max_tokens": 8,
                 "temperature": 0})
-            answer = chat.json()["choices"][0]["message"]["content"] if chat.status_code == 200 else chat.text[:500]
-            serving = chat.status_code == 200 and bool(answer)
-            if serving or chat.status_code != 200:
+            body = chat.json() if chat.status_code == 200 else None
+            answer = body["choices"][0]["message"]["content"] if body else chat.text[:500]
+            serving = body is not None and bool(answer)
+            # again only when the server's 0.5 s request timeout ended it before its first token (a loaded machine)
+            if serving or body is None or not (body["choices"][0]["finish_reason"] == "length"
+                                               and body["usage"]["completion_tokens"] == 0):
                 break
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -114,7 +116,8 @@ def main(argv=None) -> int:
         **rep,
         "server_logged_statuses": server_statuses(log),
         "server_tracebacks": log.count("Traceback"),
-        "alive_after": {"health": health, "chat_ok": serving, "chat_status": chat.status_code, "answer": answer},
+        "alive_after": {"health": health, "chat_ok": serving, "chat_status": chat.status_code, "answer": answer,
+                        "attempts": attempts},
         "server_exit_code": rc,
         "targets": {"no_5xx": not fives and not server_fives and not rep["failed_checks"],
                     "alive_and_serving": health == 200 and serving},

@@ -149,9 +149,18 @@ def _from_state_dict(cfg, sd: dict, device: str, dtype: torch.dtype) -> Transfor
     def t(name):
         return sd[name].to(device=device, dtype=dtype) if name in sd else None
 
-    def cat(*names):  # fused on the host: the device never holds the parts beside the whole
+    def cat(*names):  # stacked rows, each part copied into its slice: no intermediate beside the whole
         parts = [sd[n] for n in names if n in sd]
-        return torch.cat(parts).to(device=device, dtype=dtype) if parts else None
+        if not parts:
+            return None
+        if len(parts) < len(names):
+            raise ModelLoadError(f"{names[0]}: has {len(parts)} of the {len(names)} tensors it is fused with")
+        out = torch.empty(sum(p.shape[0] for p in parts), *parts[0].shape[1:], device=device, dtype=dtype)
+        at = 0
+        for p in parts:
+            out[at: at + p.shape[0]].copy_(p)
+            at += p.shape[0]
+        return out
 
     def norm(name):  # Gemma's norms multiply by 1 + w (added in float32, as transformers does)
         return (sd[name].float() + 1.0).to(device=device, dtype=dtype) if gemma else t(name)

@@ -103,7 +103,7 @@ def _qkv(x, attn_norm, w_qkv, b_qkv, q_norm, k_norm, cos, sin, eps: float, H: in
     torch.compile then makes one set of kernels for every layer)."""
     x = rms_norm(x, attn_norm, eps)
     q, k, v = F.linear(x, w_qkv, b_qkv).split([H * d, G * d, G * d], dim=-1)
-    q, k, v = q.reshape(-1, H, d), k.reshape(-1, G, d), v.reshape(-1, G, d).contiguous()  # v: not a strided view
+    q, k, v = q.reshape(-1, H, d), k.reshape(-1, G, d), v.reshape(-1, G, d).contiguous()  # v: a view would keep the whole product alive
     if q_norm is not None:
         q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v

@@ -500,9 +500,11 @@ class ModelRunner:
                     if point is not None:
                         attend(l)
             else:
-                for _, l in self._full_step(io, Rc):
-                    attend(l)
-                io.qkv.pop(Rc)  # an eager step's are its own: kept, every batch size seen would hold its layers'
+                try:
+                    for _, l in self._full_step(io, Rc):
+                        attend(l)
+                finally:  # an eager step's are its own: kept, every batch size seen would hold its layers'
+                    io.qkv.pop(Rc, None)
         io.step_done()
         return io.logits[:B].clone()  # the buffer is the next step's
 

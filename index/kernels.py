@@ -20,30 +20,32 @@ except ImportError:  # not POSIX: numba's own unlocked writes
     fcntl = None
 
 
-def _save_under_lock(save):
+def _under_lock(method, mode):
     """numba adds a compiled signature to a function's on-disk cache by reading its index, taking the first
-    free data file name and writing both back, with no lock. Two processes that compile two signatures of
-    one function at once (servers started together, the test workers, a parallel warm-up) can then take
-    the same data file, and one signature would load the other's code. A lock file per index serialises
-    those writes; compiling still runs in parallel."""
+    free data file name and writing the index, then the data, with no lock. Two processes that compile two
+    signatures of one function at once (servers started together, the test workers, a parallel warm-up)
+    can then take the same data file, and a load between the two writes can read a stale file under a new
+    key: either way one signature runs another's code. A lock file per index makes saves exclusive and
+    loads shared; compiling still runs in parallel."""
 
-    def locked(self, key, data):
+    def locked(self, *args):
         try:  # read-only: flock needs no write access, so another user's lock file does too
             fd = os.open(self._index_path + ".lock", os.O_RDONLY | os.O_CREAT, 0o666)
-        except OSError:  # a cache directory we cannot create files in: numba's own behaviour
-            return save(self, key, data)
+        except OSError:  # no cache directory yet, or one we cannot create files in: numba's own behaviour
+            return method(self, *args)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            save(self, key, data)
+            fcntl.flock(fd, mode)
+            return method(self, *args)
         finally:
             os.close(fd)
 
-    locked.unlocked = save
+    locked.unlocked = method
     return locked
 
 
 if fcntl is not None and not hasattr(IndexDataCacheFile.save, "unlocked"):  # once, even if re-imported
-    IndexDataCacheFile.save = _save_under_lock(IndexDataCacheFile.save)
+    IndexDataCacheFile.save = _under_lock(IndexDataCacheFile.save, fcntl.LOCK_EX)
+    IndexDataCacheFile.load = _under_lock(IndexDataCacheFile.load, fcntl.LOCK_SH)
 
 NEG_INF = np.float32(-np.inf)
 STAMP_MAX = 2**31 - 2

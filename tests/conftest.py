@@ -12,7 +12,8 @@ from engine.llm_engine import Engine, EngineConfig  # noqa: E402
 torch.manual_seed(0)
 
 # The modules with the most work first (the Makefile turns xdist's own reordering, by test count, off), so
-# that the two workers of `make test` do not end with one of them alone on a long one; the rest keep their order.
+# that the two workers of `make test` do not end with one of them alone on a long one; the rest keep their order
+# (a new module with more than a few seconds of work belongs in this list).
 HEAVY = ["test_engine_modes", "test_doc_cache", "test_gemma", "test_batching", "test_fuzz", "test_server",
          "test_reliability", "test_operations", "test_passkey", "test_accuracy_small", "test_admission",
          "test_lifecycle", "test_reference", "test_load_bench", "test_compile", "test_sampling", "test_packaging"]
@@ -33,9 +34,14 @@ def pytest_configure(config):
         from index import warm_up
 
         other = subprocess.Popen([sys.executable, "-c", "from index import warm_up; warm_up(1, 2)"])
-        warm_up(0, 2)
-        if other.wait():
-            raise RuntimeError(f"the numba warm-up's second process failed ({other.returncode})")
+        try:
+            warm_up(0, 2)
+            if other.wait(timeout=900):
+                raise RuntimeError(f"the numba warm-up's second process failed ({other.returncode})")
+        finally:
+            if other.poll() is None:  # this half failed, or the other hangs: it must not outlive the run
+                other.kill()
+                other.wait()
 
 
 @pytest.fixture(scope="session")
