@@ -251,6 +251,8 @@ def main(argv=None):
                     help="CUDA: torch.compile's fused kernels (the engine's default) or eager ops")
     ap.add_argument("--profile-prefill", action="store_true",
                     help="CUDA: each mode's prefill under torch.profiler: device busy time and the costliest ops")
+    ap.add_argument("--full-graph-layers", default="",
+                    help="CUDA: `full` runs once per value, its step captured anew in graphs of that many layers")
     ap.add_argument("--out", default="bench/results/decode_speed.json")
     a = ap.parse_args(argv)
 
@@ -302,9 +304,15 @@ def main(argv=None):
             for ct in [float(x) for x in a.copy_thresholds.split(",")] if retrieval else [0.1]:
                 for graph in variants if retrieval else [{}]:
                     att = base.override(mode=mode, top_k=a.top_k, copy_threshold=ct, **graph)
-                    for graphs in {"on": [True], "off": [False], "both": [True, False]}[a.cuda_graphs]:
+                    pieces = [int(x) for x in a.full_graph_layers.split(",") if x] if mode == "full" else []
+                    for graphs, layers in [(g, n) for g in {"on": [True], "off": [False], "both": [True, False]}[
+                            a.cuda_graphs] for n in (pieces if g and pieces else [None])]:
+                        if layers is not None:
+                            engine.runner.capture_full_graphs(sorted(engine.runner._full_graphs), layers)
                         r = run_mode(engine, ids, att, a.steps, a.profile_steps, graphs, a.profile_lookups,
                                      a.profile_prefill)
+                        if layers is not None:
+                            r["full_graph_layers"] = layers
                         if retrieval:
                             r["graph"] = {"ef": att.index.ef, "degree": att.index.degree, "knn": att.index.knn,
                                           "queries_per_head": att.graph_queries(len(ids))}

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from index import MIN_CAPACITY, NO_DESC, NO_PART, OffloadedStore, graph_knn_later, pack, request_row, row_format, store_format
 
 from .attention import AttentionConfig
+from .attention_cuda import offsets
 from .doc_cache import DocEntry
 from .model import ModelShape
 
@@ -502,6 +503,16 @@ class SequenceKV:
         o = F.scaled_dot_product_attention(q.view(1, G, -1, d), self.k[l][None, :, :n], self.v[l][None, :, :n],
                                            scale=self.scale)
         return o.reshape(-1, d)  # SDPA's memory-efficient kernel (float32) returns another layout
+
+    def full_table(self, slot: int, base: torch.Tensor) -> np.ndarray:
+        """`full` mode, the fused step (engine/attention_cuda.py): per layer, a row of its table for the token
+        about to be written at `slot`: (K and V offsets from base, capacity, keys to read, slot written to)."""
+        caps = np.array([k.shape[1] for k in self._k])
+        ring = np.array(self.windows) > 0
+        wslot = np.where(ring, slot % caps, slot)
+        # a ring reads every slot it has filled (the one written over is skipped); a buffer, the keys before
+        n = np.where(ring, np.minimum(self.written, caps), slot)
+        return np.stack([offsets(base, self._k), offsets(base, self._v), caps, n, wslot], 1)
 
     def lookup(self, l: int, q: np.ndarray, top_k: int, out_o: np.ndarray, out_m: np.ndarray, out_s: np.ndarray):
         """Layer l's CPU part for q (H, d) float32 on the host, once keys are offloaded: top-k offloaded keys

@@ -24,6 +24,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from index import BatchScratch, attend_batch, write_rows
 
+from . import attention_cuda
 from .attention import merge_partial_attention, partial_attention
 from .kv import NO_POS, SequenceKV, StaticPool
 from .model import Transformer
@@ -31,6 +32,9 @@ from .model import Transformer
 log = logging.getLogger("rattn.engine")
 HIDDEN_DEVICE_BYTES = 512 * 2**20
 PREFILL_HEADROOM = 2**30  # device memory a prefill chunk's work may need (MLP, attention, the graph input's scores)
+# layers per CUDA graph of a `full` step: launching one graph of a whole 8B step takes the host ~1 ms, during
+# which the device waits; in pieces, the device starts on the first while the host launches the rest
+FULL_GRAPH_LAYERS = 1
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -80,7 +84,9 @@ class ModelRunner:
         self._graph_io: dict[int, _RowIO] = {}  # per fixed pool: what its graphs read and write
         self._graphs: dict[int, dict] = {}  # per fixed pool: {rows: {has CPU part: [(point, layer, graph)]}}
         self._full_io: _RowIO | None = None  # `full` steps' graphs: what they read and write
-        self._full_graphs: dict[int, list] = {}  # {rows: [(point, layer, graph)]}
+        self._full_graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}  # {rows: the step's graphs, in order}
+        # `full` attention in the step's own kernels (one graph per step), where they run
+        self._fused_full = attention_cuda.supported(model.dtype, model.shape.head_dim, self.device)
         self._graph_mem = None  # the graphs' shared memory pool
         self.use_graphs = True  # False: every step eager (graphs stay captured)
         self.scratch = BatchScratch(model.shape.head_dim)  # the batched lookups' search lists, per CPU thread
@@ -440,19 +446,30 @@ class ModelRunner:
         self._graphs[id(pool)] = graphs
         self._graph_mem = mem
 
-    def capture_full_graphs(self, sizes: list[int]):
-        """Capture the `full` step's stretches between its attention calls (`_decode_full`) for each batch
-        size in `sizes`, in the memory pool of the row graphs (`capture_graphs` first) if there is one."""
+    def capture_full_graphs(self, sizes: list[int], layers: int = FULL_GRAPH_LAYERS):
+        """Capture the `full` step (`_full_step`, the fused attention) for each batch size in `sizes` as CUDA
+        graphs of `layers` layers each, in the memory pool of the row graphs (`capture_graphs` first) if there
+        is one. If the fused attention fails to build here, `full` decodes eagerly with SDPA instead."""
         assert self.device.type == "cuda"
+        if not self._fused_full:
+            return
         io = _RowIO(max(sizes), self.model, self.device)
         mem = self._graph_mem or torch.cuda.graph_pool_handle()
         graphs = {}
-        with torch.inference_mode(), self._decode_backends():
+        with torch.inference_mode():
+            io.ints.zero_()
             for Rc in sorted(sizes, reverse=True):
-                for _ in self._full_step(io, Rc):  # warm-up
-                    pass
+                io.full.stage(Rc, [], [])  # padding everywhere: the warm-up writes to no request's buffers
+                try:
+                    for _ in self._full_step(io, Rc):  # warm-up: Triton's kernels build here
+                        pass
+                except Exception:
+                    log.exception("the fused full-attention kernels failed: full mode decodes with SDPA")
+                    self._fused_full = False
+                    return
                 torch.cuda.synchronize(self.device)
-                graphs[Rc] = self._capture(self._full_step(io, Rc), mem)
+                step = ((None, l) for l in self._full_step(io, Rc) if l % layers == layers - 1)  # a graph ends
+                graphs[Rc] = [g for _, _, g in self._capture(step, mem)]
         torch.cuda.synchronize(self.device)
         self._full_io, self._full_graphs = io, graphs  # only once every size is captured
 
@@ -473,53 +490,57 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ `full` sequences alone
     def _decode_full(self, tokens, positions, kvs, slots, capture) -> torch.Tensor:
-        """A step of `full` sequences: per layer, the device work up to q/k/v, then the host writes each
-        sequence's K/V into its own buffer and attends over all of it (one SDPA call per sequence: the
-        buffers grow and move, so no graph holds them), then the rest of the layer. The stretches between
-        those points replay CUDA graphs where captured (`capture_full_graphs`), else run eagerly."""
+        """A step of `full` sequences. On CUDA, each layer's attention is engine/attention_cuda.py's kernels,
+        which find each sequence's buffers and length in a device table staged here: the whole step then replays
+        from CUDA graphs where captured (`capture_full_graphs`). Elsewhere (or with another K/V dtype) the host
+        writes each sequence's K/V and attends over its buffer with SDPA, one call per sequence and layer."""
         B = len(kvs)
-        graphs = self._full_graphs if capture is None and self.use_graphs else None
+        fused = self._fused_full and all(kv.dtype == self.model.dtype for kv in kvs)
+        graphs = self._full_graphs if fused and capture is None and self.use_graphs else None
         Rc = next((r for r in sorted(graphs or ()) if r >= B), None)
         if Rc is None:  # eager, or more sequences than any captured size
             graphs, Rc = None, B
         io = self._full_io if graphs is not None else self._eager_io(B)
         io.stage(Rc, slice(0, B), tokens, positions)
-
-        def attend(l: int):  # padding rows keep a stale output: their results are dropped
-            q, k, v = io.qkv[Rc][l]
-            for b, kv in enumerate(kvs):
-                kv.write(l, slots[b], k[b], v[b])
-                io.o[b] = kv.attend_full(l, q[b])
-            if capture is not None:
-                capture(l, io.o[:B].clone())  # io.o is every layer's
-
-        with self._decode_backends():
+        cap = None if capture is None else (lambda l, o: capture(l, o[:B].clone()))  # io.o is every layer's
+        if fused:
+            io.full.stage(Rc, kvs, slots)
             if graphs is not None:
-                for point, l, graph in graphs[Rc]:
+                for graph in graphs[Rc]:
                     graph.replay()
-                    if point is not None:
-                        attend(l)
             else:
-                try:
-                    for _, l in self._full_step(io, Rc):
-                        attend(l)
-                finally:  # an eager step's are its own: kept, every batch size seen would hold its layers'
-                    io.qkv.pop(Rc, None)
+                for _ in self._full_step(io, Rc, cap):
+                    pass
+        else:
+            def attend(l: int, q, k, v):
+                for b, kv in enumerate(kvs):
+                    kv.write(l, slots[b], k[b], v[b])
+                    io.o[b] = kv.attend_full(l, q[b])
+
+            with self._decode_backends():
+                for _ in self._full_step(io, Rc, cap, attend):
+                    pass
         io.step_done()
         return io.logits[:B].clone()  # the buffer is the next step's
 
-    def _full_step(self, io: "_RowIO", Rc: int):
-        """The device work of a `full` step over io rows [0, Rc), as a generator that yields ("attend", l)
-        once layer l's q/k/v are io.qkv[Rc][l]; the host then fills io.o (`_decode_full`). Captured, those
-        are the graph's own outputs, rewritten in place by each replay (copies into fixed buffers would add
-        96 kernels to an 8B step)."""
+    def _full_step(self, io: "_RowIO", Rc: int, capture=None, attend=None):
+        """The device work of a `full` step over io rows [0, Rc): per layer, q/k/v, then attention into io.o
+        (`attend(l, q, k, v)`; by default the fused kernels over io.full's tables), then the rest of the layer.
+        A generator that yields each layer once done: graphs of several layers are captured between yields."""
         m = self.model
         h = m.embed_tokens(io.ints[0, :Rc])
         rope = m.rope(io.ints[1, :Rc])
         for l in range(m.shape.n_layers):
-            io.qkv.setdefault(Rc, {})[l] = m.qkv(l, h, rope)
-            yield "attend", l
+            q, k, v = m.qkv(l, h, rope)
+            if attend is None:
+                f = io.full
+                attention_cuda.decode_attention(q, k, v, f.pad_k, f.table[l, :Rc], f.parts, io.o[:Rc], m.scale)
+            else:
+                attend(l, q, k, v)
+            if capture is not None:
+                capture(l, io.o)
             m.finish_layer(l, h, io.o[:Rc])
+            yield l
         io.logits[:Rc] = m.logits(h)
 
     # ------------------------------------------------------------------ any mix: pools and `full`
@@ -866,14 +887,13 @@ class _StepLookups:
 
 class _RowIO:
     """A row step's inputs and outputs for up to `size` rows: tokens, positions and slots (host staging,
-    pinned on CUDA, and device), the lookups' buffers, a `full` step's attention output and the logits.
-    Fixed addresses: graphs read them. A `full` step's q/k/v are the tensors its graphs produce (`qkv`)."""
+    pinned on CUDA, and device), the lookups' buffers, a `full` step's tables and attention output, and the
+    logits. Fixed addresses: graphs read them."""
 
     def __init__(self, size: int, model: Transformer, device: torch.device):
         pin, shape = device.type == "cuda", model.shape
-        self.size = size
-        # `full` steps: per row count and layer, the q/k/v out of the device work; the attention output back in
-        self.qkv: dict[int, dict[int, tuple]] = {}
+        self.size, self.model, self.device = size, model, device
+        self._full: _FullTables | None = None
         self.o = torch.zeros(size, shape.n_heads, shape.head_dim, dtype=model.dtype, device=device)
         self.ints_host = torch.zeros(3, size, dtype=torch.long, pin_memory=pin)
         self.ints = torch.zeros(3, size, dtype=torch.long, device=device)
@@ -894,6 +914,13 @@ class _RowIO:
             ints[2, rows] = slots
         self.ints.copy_(self.ints_host, non_blocking=True)
 
+    @property
+    def full(self) -> "_FullTables":
+        """The fused `full` step's tables (made on first use: pool steps have none)."""
+        if self._full is None:
+            self._full = _FullTables(self.size, self.model, self.device)
+        return self._full
+
     def wait_last_step(self):
         """Before a step writes the host buffers: the last step's copies out of them are complete."""
         if self.done is not None:
@@ -902,6 +929,29 @@ class _RowIO:
     def step_done(self):
         if self.done is not None:
             self.done.record()
+
+
+class _FullTables:
+    """A fused `full` step's per-layer tables of its rows' buffers (engine/attention_cuda.py; host staging,
+    pinned, and device), the attention's partial results, and the one-slot buffers of padding rows (pad_k is
+    the tables' base)."""
+
+    def __init__(self, size: int, model: Transformer, device: torch.device):
+        s = model.shape
+        self.host = torch.zeros(s.n_layers, size, attention_cuda.TABLE, dtype=torch.long, pin_memory=True)
+        self.table = torch.zeros_like(self.host, device=device)
+        self.parts = attention_cuda.Partials(size, s.n_kv_heads, s.n_heads, s.head_dim, device)
+        self.pad_k, self.pad_v = (torch.zeros(s.n_kv_heads, 1, s.head_dim, dtype=model.dtype, device=device)
+                                  for _ in range(2))
+
+    def stage(self, Rc: int, kvs: list[SequenceKV], slots: list[int]):
+        """Rows [0, len(kvs)) are the sequences about to write their token at `slots`; the rest of [0, Rc) pad.
+        The caller has waited for the last step (`_RowIO.stage`): its copy out of the host buffer is done."""
+        t = self.host.numpy()
+        t[:, :Rc] = (0, *attention_cuda.offsets(self.pad_k, [self.pad_v]), 1, 0, 0)
+        for b, (kv, slot) in enumerate(zip(kvs, slots)):
+            t[:, b] = kv.full_table(slot, self.pad_k)
+        self.table.copy_(self.host, non_blocking=True)
 
 
 def _windowed_bias(bias: torch.Tensor, slot_pos: torch.Tensor, pos: torch.Tensor, W: int) -> torch.Tensor:

@@ -46,8 +46,8 @@ def decode(eng, prompts, atts, graphs: bool):
 @pytest.mark.parametrize("modes", [("retrieval", "streaming", "flat"), ("streaming",), ("retrieval",),
                                    ("full", "full", "full")])
 def test_graph_step_equals_eager_step(gpu_engine, modes):
-    """Pooled modes replay the row graphs; `full` alone the graphs between its attention calls (3 sequences in
-    the graphs of 4 rows: a padding row too)."""
+    """Pooled modes replay the row graphs; `full` alone its whole-step graph (3 sequences in the graph of 4
+    rows: a padding row too)."""
     g = torch.Generator().manual_seed(len(modes))
     prompts = [torch.randint(0, gpu_engine.shape.vocab_size, (1500 + 200 * i,), generator=g).tolist()
                for i in range(len(modes))]
@@ -59,6 +59,56 @@ def test_graph_step_equals_eager_step(gpu_engine, modes):
     assert graph_tokens == eager_tokens
     rel = (graph_logits - eager_logits).abs().amax() / eager_logits.abs().amax()
     assert rel <= 1e-3, float(rel)
+
+
+def test_fused_full_step_equals_sdpa_step(gpu_engine):
+    """`full` decoding with the fused attention kernels in one graph gives SDPA's tokens and logits (Gemma:
+    its sliding-window layers' rings wrap, so the kernels skip the slot being written over)."""
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, gpu_engine.shape.vocab_size, (1500 + 200 * i,), generator=g).tolist()
+               for i in range(3)]
+    atts = [AttentionConfig(mode="full")] * 3
+    runner = gpu_engine.runner
+    assert runner._fused_full and runner._full_graphs, "the fused full step did not build here"
+    fused_tokens, fused_logits = decode(gpu_engine, prompts, atts, graphs=True)
+    runner._fused_full = False
+    try:
+        sdpa_tokens, sdpa_logits = decode(gpu_engine, prompts, atts, graphs=False)
+    finally:
+        runner._fused_full = True
+    assert fused_tokens == sdpa_tokens
+    rel = (fused_logits - sdpa_logits).abs().amax() / sdpa_logits.abs().amax()
+    assert rel <= 1e-3, float(rel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,G,d", [(9, 3, 64), (32, 8, 128), (4, 1, 256)])
+def test_fused_full_attention_kernels(dtype, H, G, d):
+    """engine/attention_cuda.py over three rows: a buffer read up to its new slot, a full ring whose oldest
+    slot the new token replaces (skipped), a padding row: equals attention over the same keys in float64,
+    and each new key and value lands in its slot."""
+    from engine import attention_cuda
+
+    g = torch.Generator(device="cuda").manual_seed(d)
+    rnd = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype, generator=g)  # noqa: E731
+    caps, spec = [5000, 700, 1], [(4321, 4321), (700, 123), (0, 0)]  # (keys to read, slot written)
+    K, V = [rnd(G, c, d) for c in caps], [rnd(G, c, d) for c in caps]
+    base = rnd(1)
+    table = torch.tensor([[*attention_cuda.offsets(base, [k, v]), c, n, w] for k, v, c, (n, w) in zip(K, V, caps, spec)],
+                         device="cuda")
+    q, k, v = rnd(3, H, d), rnd(3, G, d), rnd(3, G, d)
+    before = [(a.clone(), b.clone()) for a, b in zip(K, V)]
+    out = torch.empty_like(q)
+    attention_cuda.decode_attention(q, k, v, base, table, attention_cuda.Partials(3, G, H, d, q.device), out,
+                                    d ** -0.5)
+    for r, ((k0, v0), (n, w)) in enumerate(zip(before, spec)):
+        keep = [j for j in range(n) if j != w]
+        kk = torch.cat([k0[:, keep], k[r, :, None]], 1).double()
+        vv = torch.cat([v0[:, keep], v[r, :, None]], 1).double()
+        z = torch.einsum("gpd,gnd->gpn", q[r].double().view(G, H // G, d), kk) * d ** -0.5
+        want = torch.einsum("gpn,gnd->gpd", z.softmax(-1), vv).reshape(H, d)
+        torch.testing.assert_close(out[r].double(), want, atol=1e-4 if dtype == torch.float32 else 2e-2, rtol=0)
+        assert torch.equal(K[r][:, w], k[r]) and torch.equal(V[r][:, w], v[r])
 
 
 def test_prefill_through_host_memory_equals_prefill_on_device(gpu_engine):

@@ -139,7 +139,6 @@ def test_full_mode_growing_its_buffer_gives_the_same_tokens(engine, long_prompt,
     monkeypatch.setattr(kv_module.SequenceKV, "_grow", lambda self, n: (grown.append(n), real(self, n)))
     after = [o.token for o in engine.generate(req())]
     assert after == before and len(grown) >= 2  # at the prefill and while decoding
-    assert engine.runner._io.qkv == {}  # eager steps keep no layer's q/k/v after them
 
 
 # 7. /metrics may read a request's stores while the engine thread frees them
