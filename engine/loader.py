@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -128,8 +129,8 @@ def _gguf_cache_dir(path: Path) -> Path:
 
 
 def _save_gguf_cache(cached: Path, hf, tokenizer):
+    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
     try:
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
         from safetensors.torch import save_model
 
         tmp.mkdir(parents=True, exist_ok=True)
@@ -138,8 +139,8 @@ def _save_gguf_cache(cached: Path, hf, tokenizer):
         tokenizer.save_pretrained(tmp)
         (tmp / "done").touch()
         os.replace(tmp, cached)
-    except OSError:  # a read-only home only costs the next start its speed
-        pass
+    except OSError:  # a read-only home only costs the next start its speed; a process that saved first, nothing
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _from_state_dict(cfg, sd: dict, device: str, dtype: torch.dtype) -> Transformer:

@@ -26,22 +26,27 @@ def pytest_collection_modifyitems(items):
 
 def pytest_configure(config):
     if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
-        # numba's kernels compile once here, in two processes that take half of them each (~110 s on 2 cores
-        # against ~150 s in one), before the workers start: both would otherwise compile all of them
+        # Before the workers start, once: numba's kernels, in two processes that take half of them each (~110 s
+        # on 2 cores against ~150 s in one), and the embedded model's dequantised copy (~20 s; loader.py caches
+        # it per installed file). Both workers would otherwise do all of it at once, in their first tests.
         import subprocess
         import sys
 
         from index import warm_up
 
-        other = subprocess.Popen([sys.executable, "-c", "from index import warm_up; warm_up(1, 2)"])
+        others = [subprocess.Popen([sys.executable, "-c", code]) for code in (
+            "from index import warm_up; warm_up(1, 2)",
+            "import torch; from engine.loader import EMBEDDED, load_model; load_model(EMBEDDED, 'cpu', torch.float32)")]
         try:
             warm_up(0, 2)
-            if other.wait(timeout=900):
-                raise RuntimeError(f"the numba warm-up's second process failed ({other.returncode})")
+            for p in others:
+                if p.wait(timeout=900):
+                    raise RuntimeError(f"a warm-up process failed ({p.args[-1]}: {p.returncode})")
         finally:
-            if other.poll() is None:  # this half failed, or the other hangs: it must not outlive the run
-                other.kill()
-                other.wait()
+            for p in others:
+                if p.poll() is None:  # this part failed, or another hangs: none may outlive the run
+                    p.kill()
+                    p.wait()
 
 
 @pytest.fixture(scope="session")
