@@ -308,11 +308,15 @@ def main(argv=None):
                     for graphs, layers in [(g, n) for g in {"on": [True], "off": [False], "both": [True, False]}[
                             a.cuda_graphs] for n in (pieces if g and pieces else [None])]:
                         if layers is not None:
+                            if not engine.runner._full_graphs:
+                                raise SystemExit("--full-graph-layers: this engine captured no `full` graphs")
                             engine.runner.capture_full_graphs(sorted(engine.runner._full_graphs), layers)
                         r = run_mode(engine, ids, att, a.steps, a.profile_steps, graphs, a.profile_lookups,
                                      a.profile_prefill)
                         if layers is not None:
                             r["full_graph_layers"] = layers
+                            if layers == pieces[-1]:  # the engine's own graphs again, for what runs next
+                                engine.runner.capture_full_graphs(sorted(engine.runner._full_graphs))
                         if retrieval:
                             r["graph"] = {"ef": att.index.ef, "degree": att.index.degree, "knn": att.index.knn,
                                           "queries_per_head": att.graph_queries(len(ids))}

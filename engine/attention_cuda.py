@@ -3,7 +3,7 @@
 SDPA needs the K/V length and the request's buffers on the host, so a `full` step used to leave the graph at
 every layer (33 graph launches and ~100 eager launches per 8B step: ~0.7 ms of the device idling between
 them at 128K). Here each row's buffers, length and write slot are a row of a small device table (`TABLE`),
-staged before the step, so one graph replays every layer:
+staged before the step, so CUDA graphs hold every layer's work (`FULL_GRAPH_LAYERS` per graph):
 
 1. `_split`: program (row, KV head g, split s) takes a share of the keys already in the row's buffer for all
    of g's query heads at once (each K/V byte is read once), with the online softmax (flash-decoding), and
@@ -14,7 +14,7 @@ staged before the step, so one graph replays every layer:
 
 A row of the table: where K and V are, in elements from a base tensor's address (an offset, not an address:
 Triton then knows the loads' alignment and vectorises them; read as raw addresses, a split took 0.28 ms per
-128K layer instead of ~0.14 on an H200), capacity (each buffer is (G, capacity, d), contiguous), keys to read
+128K layer instead of 0.123 in a decode step on an H200), capacity (each buffer is (G, capacity, d), contiguous), keys to read
 (slots [0, n)), the slot the new token goes to (never read). A padding row points at a one-slot buffer and
 reads nothing.
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-TABLE = 5  # int64 columns of a table row
+TABLE = 5  # int64 columns of a table row (the kernels read it too)
 ALIGN = 16  # elements: buffer offsets are multiples of it (the allocator aligns to 512 bytes)
 PROGRAMS = 1024  # split programs per step to aim for (8 KV heads, one row: 128 splits; ~8 per SM of an H200)
 MAX_SPLITS = 128
@@ -35,12 +35,14 @@ except ImportError:  # CPU builds of torch come without Triton: `supported` says
     triton = None
 
 if triton is not None:
+    _TABLE = tl.constexpr(TABLE)
+
     @triton.jit
     def _split(Q, BASE, TAB, PO, PM, PL, sq_r, sq_h, scale, S, G: tl.constexpr, PER: tl.constexpr, PP: tl.constexpr,
                D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr):
         rg, s = tl.program_id(0), tl.program_id(1)
         r, g = rg // G, rg % G
-        row = TAB + r * 5
+        row = TAB + r * _TABLE
         cap = tl.load(row + 2)
         n = tl.load(row + 3).to(tl.int32)
         skip = tl.load(row + 4).to(tl.int32)
@@ -102,7 +104,7 @@ if triton is not None:
             acc += tl.sum(w[:, None] * po, 0)
         tl.store(O + r * so_r + (g * PER + i) * so_h + d, (acc / total).to(O.dtype.element_ty))
         if i == 0:
-            row = TAB + r * 5
+            row = TAB + r * _TABLE
             at_slot = g * tl.load(row + 2) * D + tl.load(row + 4) * D + d
             tl.store(BASE + tl.load(row) + at_slot, kn)
             tl.store(BASE + tl.load(row + 1) + at_slot, vn)
@@ -150,8 +152,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: to
     assert q.stride(2) == k.stride(2) == v.stride(2) == out.stride(2) == 1 and base.dtype == q.dtype
     # fp32 products would go through TF32 by default: the fp32 path (tests) stays exact
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    block = 64 if D * q.element_size() <= 256 else 32  # K and V tiles of 16 KB per pipeline stage
+    # K and V tiles of at most 16 KB each per pipeline stage (64 KB in all: sm86/89 GPUs have ~100 KB)
+    block = min(64, 16384 // (D * q.element_size()))
     S, block, warps, stages = tiles or (splits(R, G), block, 4, 2)
+    assert R * G * S * per <= parts.m.numel() and table.shape == (R, TABLE) and table.is_contiguous()
     _split[(R * G, S)](q, base, table, parts.o, parts.m, parts.l, q.stride(0), q.stride(1), scale * LOG2E, S,
                        G=G, PER=per, PP=max(16, triton.next_power_of_2(per)), D=D, BLOCK=block, PREC=prec, ALIGN=ALIGN,
                        num_warps=warps, num_stages=stages)

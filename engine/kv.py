@@ -240,7 +240,8 @@ class SequenceKV:
             self.S, self.C, self.W = static_slots(cfg, total_len)
         n = self.S + self.C
         # The static part of the partial modes is small (sink + window), so it is kept in float32: its
-        # scores then never round to bf16 before the softmax. `full` keeps the model dtype and uses SDPA.
+        # scores then never round to bf16 before the softmax. `full` keeps the model dtype (its attention: SDPA, or
+        # engine/attention_cuda.py's kernels on CUDA).
         self.pool, self.row = None, -1  # the partial modes take a row of a pool last in __init__ (no leak)
         if self.full:  # per layer: a sliding-window layer keeps a ring of its window (token i in slot i % size)
             most = _round_up(max(total_len, 1), B)  # the most tokens it may hold (next_slot)

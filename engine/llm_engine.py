@@ -171,6 +171,8 @@ class Engine:
             t = time.perf_counter()
             if self.runner.compile():
                 log.info("torch.compile: the model's fused kernels built in %.1f s", time.perf_counter() - t)
+        if self.device.type == "cuda":
+            self.runner.warm_up_full()  # Triton builds `full`'s kernels here (or they are off), graphs or not
         if self.device.type == "cuda" and config.cuda_graphs:
             self._capture_graphs()
         warm_up()  # the CPU kernels compile here, not inside the first request that offloads

@@ -139,7 +139,7 @@ def _save_gguf_cache(cached: Path, hf, tokenizer):
         tokenizer.save_pretrained(tmp)
         (tmp / "done").touch()
         os.replace(tmp, cached)
-    except OSError:  # a read-only home only costs the next start its speed; a process that saved first, nothing
+    except Exception:  # a read-only home only costs the next start its speed; a process that saved first, nothing
         shutil.rmtree(tmp, ignore_errors=True)
 
 

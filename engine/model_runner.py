@@ -85,7 +85,7 @@ class ModelRunner:
         self._graphs: dict[int, dict] = {}  # per fixed pool: {rows: {has CPU part: [(point, layer, graph)]}}
         self._full_io: _RowIO | None = None  # `full` steps' graphs: what they read and write
         self._full_graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}  # {rows: the step's graphs, in order}
-        # `full` attention in the step's own kernels (one graph per step), where they run
+        # `full` attention in the step's own kernels (engine/attention_cuda.py), where they build (`warm_up_full`)
         self._fused_full = attention_cuda.supported(model.dtype, model.shape.head_dim, self.device)
         self._graph_mem = None  # the graphs' shared memory pool
         self.use_graphs = True  # False: every step eager (graphs stay captured)
@@ -338,8 +338,8 @@ class ModelRunner:
         `slots`: the ring slots already taken for the tokens (kv.next_slot), if the caller took them.
 
         Sequences that share one static pool (the usual case) run as the pool's rows (`_decode_rows`, CUDA
-        graphs where captured), `full` sequences alone as `_decode_full` (graphs between their attention
-        calls); any other mix of pools and `full` sequences runs `_decode_mixed`."""
+        graphs where captured), `full` sequences alone as `_decode_full` (graphs of the whole step, attention
+        included, where captured); any other mix of pools and `full` sequences runs `_decode_mixed`."""
         if slots is None:
             slots = [kv.next_slot(t) for kv, t in zip(kvs, tokens)]
         pool = kvs[0].pool
@@ -446,10 +446,27 @@ class ModelRunner:
         self._graphs[id(pool)] = graphs
         self._graph_mem = mem
 
+    @torch.inference_mode()
+    def warm_up_full(self):
+        """Build the fused `full` attention's kernels now, on a step of padding rows, not in the first request;
+        if they fail to build here (no room for their tiles, say), `full` decodes eagerly with SDPA instead."""
+        if not self._fused_full:
+            return
+        io = _RowIO(1, self.model, self.device)
+        io.ints.zero_()
+        io.full.stage(1, [], [])  # padding: the step writes to no request's buffers
+        try:
+            for _ in self._full_step(io, 1):
+                pass
+            torch.cuda.synchronize(self.device)
+        except Exception:
+            log.exception("the fused full-attention kernels failed: full mode decodes eagerly with SDPA")
+            self._fused_full = False
+
     def capture_full_graphs(self, sizes: list[int], layers: int = FULL_GRAPH_LAYERS):
-        """Capture the `full` step (`_full_step`, the fused attention) for each batch size in `sizes` as CUDA
-        graphs of `layers` layers each, in the memory pool of the row graphs (`capture_graphs` first) if there
-        is one. If the fused attention fails to build here, `full` decodes eagerly with SDPA instead."""
+        """Capture the `full` step (`_full_step`, the fused attention: `warm_up_full` first) for each batch size
+        in `sizes` as CUDA graphs of `layers` layers each, in the memory pool of the row graphs (`capture_graphs`
+        first) if there is one. Without the fused attention, `full` decodes eagerly with SDPA."""
         assert self.device.type == "cuda"
         if not self._fused_full:
             return
@@ -460,13 +477,8 @@ class ModelRunner:
             io.ints.zero_()
             for Rc in sorted(sizes, reverse=True):
                 io.full.stage(Rc, [], [])  # padding everywhere: the warm-up writes to no request's buffers
-                try:
-                    for _ in self._full_step(io, Rc):  # warm-up: Triton's kernels build here
-                        pass
-                except Exception:
-                    log.exception("the fused full-attention kernels failed: full mode decodes with SDPA")
-                    self._fused_full = False
-                    return
+                for _ in self._full_step(io, Rc):  # warm-up: workspaces, lazy inits
+                    pass
                 torch.cuda.synchronize(self.device)
                 step = ((None, l) for l in self._full_step(io, Rc) if l % layers == layers - 1)  # a graph ends
                 graphs[Rc] = [g for _, _, g in self._capture(step, mem)]
@@ -493,9 +505,10 @@ class ModelRunner:
         """A step of `full` sequences. On CUDA, each layer's attention is engine/attention_cuda.py's kernels,
         which find each sequence's buffers and length in a device table staged here: the whole step then replays
         from CUDA graphs where captured (`capture_full_graphs`). Elsewhere (or with another K/V dtype) the host
-        writes each sequence's K/V and attends over its buffer with SDPA, one call per sequence and layer."""
+        writes each sequence's K/V and attends over its buffer with SDPA, one call per sequence and layer, and
+        the step runs eagerly."""
         B = len(kvs)
-        fused = self._fused_full and all(kv.dtype == self.model.dtype for kv in kvs)
+        fused = self._fused_full
         graphs = self._full_graphs if fused and capture is None and self.use_graphs else None
         Rc = next((r for r in sorted(graphs or ()) if r >= B), None)
         if Rc is None:  # eager, or more sequences than any captured size
@@ -938,7 +951,8 @@ class _FullTables:
 
     def __init__(self, size: int, model: Transformer, device: torch.device):
         s = model.shape
-        self.host = torch.zeros(s.n_layers, size, attention_cuda.TABLE, dtype=torch.long, pin_memory=True)
+        self.host = torch.zeros(s.n_layers, size, attention_cuda.TABLE, dtype=torch.long,
+                                pin_memory=device.type == "cuda")
         self.table = torch.zeros_like(self.host, device=device)
         self.parts = attention_cuda.Partials(size, s.n_kv_heads, s.n_heads, s.head_dim, device)
         self.pad_k, self.pad_v = (torch.zeros(s.n_kv_heads, 1, s.head_dim, dtype=model.dtype, device=device)

@@ -34,10 +34,12 @@ def pytest_configure(config):
 
         from index import warm_up
 
-        others = [subprocess.Popen([sys.executable, "-c", code]) for code in (
-            "from index import warm_up; warm_up(1, 2)",
-            "import torch; from engine.loader import EMBEDDED, load_model; load_model(EMBEDDED, 'cpu', torch.float32)")]
+        others = []
         try:
+            for code in ("from index import warm_up; warm_up(1, 2)",
+                         "import torch; from engine.loader import EMBEDDED, load_model; "
+                         "load_model(EMBEDDED, 'cpu', torch.float32)"):
+                others.append(subprocess.Popen([sys.executable, "-c", code]))
             warm_up(0, 2)
             for p in others:
                 if p.wait(timeout=900):
