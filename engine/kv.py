@@ -289,6 +289,7 @@ class SequenceKV:
         self._retrieval_s = 0.0
         self._retrieval_calls = 0
         self._desc: tuple[int, np.ndarray] | None = None  # (own stores' versions, describe's table)
+        self._table: tuple | None = None  # `full_table`'s (rows, the capacity C they were made for, rings)
         if not self.full:
             self.pool = (pools or StaticPools(shape, device)).get(n)
             self.row = self.pool.alloc()
@@ -507,13 +508,18 @@ class SequenceKV:
 
     def full_table(self, slot: int, base: torch.Tensor) -> np.ndarray:
         """`full` mode, the fused step (engine/attention_cuda.py): per layer, a row of its table for the token
-        about to be written at `slot`: (K and V offsets from base, capacity, keys to read, slot written to)."""
-        caps = np.array([k.shape[1] for k in self._k])
-        ring = np.array(self.windows) > 0
-        wslot = np.where(ring, slot % caps, slot)
+        about to be written at `slot`: (K and V offsets from base, capacity, keys to read, slot written to).
+        The first three change only when the buffers do (`_grow`): kept, and only the last two made per step."""
+        if self._table is None or self._table[1] != self.C:  # C changes with every grow
+            caps = np.array([k.shape[1] for k in self._k])
+            cols = np.stack([offsets(base, self._k), offsets(base, self._v), caps, caps, caps], 1)
+            self._table = (cols, self.C, np.array(self.windows) > 0)
+        t, _, ring = self._table
+        caps = t[:, 2]
+        t[:, 4] = np.where(ring, slot % caps, slot)
         # a ring reads every slot it has filled (the one written over is skipped); a buffer, the keys before
-        n = np.where(ring, np.minimum(self.written, caps), slot)
-        return np.stack([offsets(base, self._k), offsets(base, self._v), caps, n, wslot], 1)
+        t[:, 3] = np.where(ring, np.minimum(self.written, caps), slot)
+        return t
 
     def lookup(self, l: int, q: np.ndarray, top_k: int, out_o: np.ndarray, out_m: np.ndarray, out_s: np.ndarray):
         """Layer l's CPU part for q (H, d) float32 on the host, once keys are offloaded: top-k offloaded keys

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -12,6 +13,8 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from .model import GEMMA, SUPPORTED_ARCHS, LayerWeights, ModelShape, Transformer
+
+log = logging.getLogger("rattn.loader")
 
 EMBEDDED = "smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -139,8 +142,11 @@ def _save_gguf_cache(cached: Path, hf, tokenizer):
         tokenizer.save_pretrained(tmp)
         (tmp / "done").touch()
         os.replace(tmp, cached)
-    except Exception:  # a read-only home only costs the next start its speed; a process that saved first, nothing
+    except OSError:  # a read-only home only costs the next start its speed; a process that saved first, nothing
         shutil.rmtree(tmp, ignore_errors=True)
+    except Exception:  # a fault of the save itself: the next start pays the ~20 s again, so say so
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("the model's dequantised copy was not saved", exc_info=True)
 
 
 def _from_state_dict(cfg, sd: dict, device: str, dtype: torch.dtype) -> Transformer:

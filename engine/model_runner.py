@@ -504,9 +504,9 @@ class ModelRunner:
     def _decode_full(self, tokens, positions, kvs, slots, capture) -> torch.Tensor:
         """A step of `full` sequences. On CUDA, each layer's attention is engine/attention_cuda.py's kernels,
         which find each sequence's buffers and length in a device table staged here: the whole step then replays
-        from CUDA graphs where captured (`capture_full_graphs`). Elsewhere (or with another K/V dtype) the host
-        writes each sequence's K/V and attends over its buffer with SDPA, one call per sequence and layer, and
-        the step runs eagerly."""
+        from CUDA graphs where captured (`capture_full_graphs`). Elsewhere (CPU, or kernels that did not build)
+        the host writes each sequence's K/V and attends over its buffer with SDPA, one call per sequence and
+        layer, and the step runs eagerly."""
         B = len(kvs)
         fused = self._fused_full
         graphs = self._full_graphs if fused and capture is None and self.use_graphs else None
@@ -957,14 +957,15 @@ class _FullTables:
         self.parts = attention_cuda.Partials(size, s.n_kv_heads, s.n_heads, s.head_dim, device)
         self.pad_k, self.pad_v = (torch.zeros(s.n_kv_heads, 1, s.head_dim, dtype=model.dtype, device=device)
                                   for _ in range(2))
+        self.pad_row = (0, *attention_cuda.offsets(self.pad_k, [self.pad_v]), 1, 0, 0)
 
     def stage(self, Rc: int, kvs: list[SequenceKV], slots: list[int]):
         """Rows [0, len(kvs)) are the sequences about to write their token at `slots`; the rest of [0, Rc) pad.
         The caller has waited for the last step (`_RowIO.stage`): its copy out of the host buffer is done."""
         t = self.host.numpy()
-        t[:, :Rc] = (0, *attention_cuda.offsets(self.pad_k, [self.pad_v]), 1, 0, 0)
         for b, (kv, slot) in enumerate(zip(kvs, slots)):
             t[:, b] = kv.full_table(slot, self.pad_k)
+        t[:, len(kvs):Rc] = self.pad_row
         self.table.copy_(self.host, non_blocking=True)
 
 
